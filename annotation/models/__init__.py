@@ -1,0 +1,42 @@
+"""The data model of the Llama 2 preference process. Invariants live in database constraints."""
+
+from .content import Dialogue, Prompt, Response, RiskCategory, Turn, TurnRole
+from .people import AnnotatorProfile, Role
+from .registry import PolicyVersion, RewardModelVersion, RunStatus, TrainingRun
+from .tasks import (
+    Annotation,
+    Assignment,
+    AssignmentStatus,
+    Batch,
+    BatchStatus,
+    ComparisonTask,
+    Domain,
+    Split,
+    TaskSlot,
+    TaskStatus,
+)
+
+__all__ = [
+    "Annotation",
+    "AnnotatorProfile",
+    "Assignment",
+    "AssignmentStatus",
+    "Batch",
+    "BatchStatus",
+    "ComparisonTask",
+    "Dialogue",
+    "Domain",
+    "PolicyVersion",
+    "Prompt",
+    "Response",
+    "RewardModelVersion",
+    "RiskCategory",
+    "Role",
+    "RunStatus",
+    "Split",
+    "TaskSlot",
+    "TaskStatus",
+    "TrainingRun",
+    "Turn",
+    "TurnRole",
+]

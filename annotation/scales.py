@@ -1,0 +1,57 @@
+"""The Llama 2 preference scales: strengths, margins (Table 27) and safety bins. No Django here."""
+
+from enum import StrEnum
+
+
+class Choice(StrEnum):
+    A = "a"
+    B = "b"
+
+
+class Strength(StrEnum):
+    """The four-level scale, strongest first (Llama 2 report, section 3.2.1)."""
+
+    SIGNIFICANTLY_BETTER = "significantly_better"
+    BETTER = "better"
+    SLIGHTLY_BETTER = "slightly_better"
+    NEGLIGIBLY_BETTER = "negligibly_better"  # "negligibly better / unsure"
+
+
+class SafetyLabel(StrEnum):
+    """The three bins. "Chosen unsafe, other safe" does not exist: such a pair is not allowed."""
+
+    CHOSEN_SAFE_OTHER_UNSAFE = "chosen_safe_other_unsafe"
+    BOTH_SAFE = "both_safe"
+    BOTH_UNSAFE = "both_unsafe"
+
+
+# Table 27: margin m(r) per strength, for the "small" and "large" settings; "none" is all zero.
+MARGINS: dict[str, dict[Strength, float]] = {
+    "none": {s: 0.0 for s in Strength},
+    "small": {
+        Strength.SIGNIFICANTLY_BETTER: 1.0,
+        Strength.BETTER: 2 / 3,
+        Strength.SLIGHTLY_BETTER: 1 / 3,
+        Strength.NEGLIGIBLY_BETTER: 0.0,
+    },
+    "large": {
+        Strength.SIGNIFICANTLY_BETTER: 3.0,
+        Strength.BETTER: 2.0,
+        Strength.SLIGHTLY_BETTER: 1.0,
+        Strength.NEGLIGIBLY_BETTER: 0.0,
+    },
+}
+
+# Ordinal position of each strength (4 = strongest), used for signed ordinal agreement.
+STRENGTH_RANK: dict[Strength, int] = {
+    Strength.SIGNIFICANTLY_BETTER: 4,
+    Strength.BETTER: 3,
+    Strength.SLIGHTLY_BETTER: 2,
+    Strength.NEGLIGIBLY_BETTER: 1,
+}
+
+
+def signed_preference(choice: str, strength: str) -> int:
+    """The comparison on one ordinal axis: +4 (A significantly better) ... -4 (B significantly better)."""
+    rank = STRENGTH_RANK[Strength(strength)]
+    return rank if Choice(choice) is Choice.A else -rank

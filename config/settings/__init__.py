@@ -1,0 +1,3 @@
+"""Development and test settings; production lives in ``config.settings.production``."""
+
+from .base import *  # noqa: F403

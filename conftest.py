@@ -1,0 +1,25 @@
+"""Project-wide pytest fixtures: the location of the shared reference data."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+def shared_data_dir() -> Path:
+    """The reference data directory: $SHARED_DATA_DIR, default ../shared/data beside the repository."""
+    return Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data; fails (never skips) with a clear message when it is missing."""
+    path = shared_data_dir()
+    if not (path / "README.md").is_file():
+        pytest.fail(
+            f"Reference data not found at {path}. Put the project's shared/ folder beside the "
+            "repository or set SHARED_DATA_DIR to its data/ directory."
+        )
+    return path
