@@ -1,0 +1,165 @@
+"""Batched sampling from a Llama 2 `Transformer` with its KV cache, after meta-llama/llama `generation.py`.
+
+Prompts of different lengths are left-padded and prefilled in one forward pass with an attention mask, then
+every step decodes one token for the whole batch. Rotary embeddings make attention depend only on the
+distance between positions, so a left-padded prompt gives the same next-token distribution as the prompt
+alone. Meta instead left-aligns the prompts and feeds the longer ones token by token; the results are equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from training.llama.model import Transformer
+
+
+@dataclass
+class GenerationResult:
+    """Completions (prompt excluded, stopped before EOS) and the log-probability of each sampled token."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]] | None
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probability reaches p (nucleus sampling), as Meta does.
+
+    probs: (bsz, vocab_size), rows summing to 1. Returns (bsz, 1) token ids.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    # Drop a token when the tokens ranked above it already reach p (the top token always stays).
+    probs_sort[probs_sum - probs_sort > p] = 0.0
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # multinomial renormalises
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens (bsz,) from float32 logits (bsz, vocab_size) and their log-probs (bsz,).
+
+    The log-prob is under the temperature-scaled distribution over the full vocabulary (before top-k/top-p
+    truncation), i.e. log softmax(logits / temperature); for greedy decoding (temperature 0) it is under
+    softmax(logits). That is the policy PPO's ratio is computed against when it samples at that temperature.
+    """
+    if temperature > 0:
+        scaled = logits / temperature
+        logprobs = torch.log_softmax(scaled, dim=-1)
+        if top_k is not None and top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (bsz, 1)
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if top_p < 1.0:
+            next_token = sample_top_p(probs, top_p, generator).squeeze(-1)
+        else:
+            next_token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    else:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        next_token = torch.argmax(logits, dim=-1)
+    return next_token, logprobs.gather(-1, next_token[:, None]).squeeze(-1)
+
+
+def _validate(model: Transformer, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int,
+              temperature: float, top_p: float, top_k: int | None) -> None:
+    if not prompt_tokens:
+        raise ValueError("prompt_tokens is empty: give at least one prompt")
+    if any(len(p) == 0 for p in prompt_tokens):
+        raise ValueError("Every prompt needs at least one token (e.g. BOS)")
+    vocab_size = model.args.vocab_size
+    if any(not 0 <= t < vocab_size for p in prompt_tokens for t in p):
+        raise ValueError(f"Prompt token ids must lie in [0, {vocab_size})")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max(len(p) for p in prompt_tokens) >= model.args.max_seq_len:
+        raise ValueError(f"A prompt of {max(len(p) for p in prompt_tokens)} tokens leaves no room in "
+                         f"max_seq_len {model.args.max_seq_len}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompt_tokens: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    eos_id: int | None,
+    seed: int | None = None,
+    return_logprobs: bool = True,
+) -> GenerationResult:
+    """Sample up to `max_new_tokens` tokens after each prompt, all prompts in one batch.
+
+    Temperature 0 is greedy decoding. A sequence stops at `eos_id` (excluded from its tokens; None: never);
+    like Meta, generation stops at the model's max_seq_len. `seed` makes the sampling reproducible (it uses
+    its own torch.Generator, not the global one). The log-probs are those of `sample_next_token`: the
+    temperature-scaled distribution before top-k/top-p truncation.
+    """
+    _validate(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k)
+    device = model.tok_embeddings.weight.device
+    bsz = len(prompt_tokens)
+    prompt_lens = [len(p) for p in prompt_tokens]
+    max_prompt_len = max(prompt_lens)
+    total_len = min(model.args.max_seq_len, max_prompt_len + max_new_tokens)
+    n_steps = total_len - max_prompt_len
+
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    # Left-padded prompts: (bsz, max_prompt_len); padding positions get token 0 and are masked out.
+    prompts = torch.zeros(bsz, max_prompt_len, dtype=torch.long)
+    real = torch.zeros(bsz, max_prompt_len, dtype=torch.bool)
+    for i, p in enumerate(prompt_tokens):
+        prompts[i, max_prompt_len - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        real[i, max_prompt_len - len(p):] = True
+    prompts, real = prompts.to(device), real.to(device)
+    ragged = min(prompt_lens) != max_prompt_len
+
+    out_tokens = torch.zeros(bsz, n_steps, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(bsz, n_steps, dtype=torch.float32, device=device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    n_generated = 0
+    if n_steps > 0:
+        kv_cache = model.new_kv_cache(bsz, total_len)
+        # Only the last position's logits are needed: skip the output head on the rest of the prompt.
+        h = model.forward_hidden(prompts, kv_cache=kv_cache, attention_mask=real if ragged else None)
+        logits = model.output(h[:, -1]).float()  # (bsz, vocab_size)
+        for step in range(n_steps):
+            next_token, logprob = sample_next_token(
+                logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+            )
+            out_tokens[:, step] = next_token
+            out_logprobs[:, step] = logprob
+            n_generated = step + 1
+            if eos_id is not None:
+                done |= next_token == eos_id
+                if bool(done.all()):
+                    break
+            if step + 1 < n_steps:
+                h = model.forward_hidden(next_token[:, None], start_pos=max_prompt_len + step, kv_cache=kv_cache)
+                logits = model.output(h[:, -1]).float()
+
+    tokens = out_tokens[:, :n_generated].tolist()
+    logprobs = out_logprobs[:, :n_generated].tolist()
+    for i, seq in enumerate(tokens):
+        if eos_id is not None and eos_id in seq:
+            stop = seq.index(eos_id)
+            tokens[i], logprobs[i] = seq[:stop], logprobs[i][:stop]
+    return GenerationResult(tokens=tokens, logprobs=logprobs if return_logprobs else None)

@@ -1,0 +1,436 @@
+"""The Llama 2 transformer, after meta-llama/llama `llama/model.py`, made trainable and device-agnostic.
+
+Differences from Meta's file, all behaviour-preserving:
+- no fairscale model parallelism: plain `nn.Linear` / `nn.Embedding`, device and dtype passed in;
+- no `inference_mode` on `forward` (it must train); the KV cache is an explicit `KVCache` argument;
+- rotary embeddings in real arithmetic (cos/sin of the same angles, rotating the same interleaved pairs),
+  which is faster than complex multiplication and works in every dtype;
+- attention through `F.scaled_dot_product_attention` with grouped-query attention done by the kernel
+  (`enable_gqa`) rather than by copying the key/value heads (`repeat_kv`, kept as the definition);
+- an optional per-token `attention_mask` for padded batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters of a Llama 2 model; the field names are those of Meta's `params.json`."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256  # make the SwiGLU hidden size a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim (dim / n_heads = {self.head_dim}) must be even for rotary embeddings")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0):
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+            raise ValueError(f"ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads (`n_kv_heads`, or `n_heads` without grouped-query attention)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """The SwiGLU hidden size, computed exactly as Meta's `FeedForward.__init__` does."""
+        hidden_dim = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
+        return self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelArgs:
+        """The published Llama 2 sizes ("7B", "13B", "70B") or "tiny" (a few-layer GQA model for tests)."""
+        presets = {
+            "7B": dict(dim=4096, n_layers=32, n_heads=32),
+            "13B": dict(dim=5120, n_layers=40, n_heads=40),
+            "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
+            "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, max_seq_len=128),
+        }
+        if name not in presets:
+            raise ValueError(f"Unknown ModelArgs preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    @classmethod
+    def from_params_json(cls, params: dict[str, Any], *, vocab_size: int | None = None) -> ModelArgs:
+        """Build from Meta's `params.json`; `vocab_size` fills in Meta's placeholder `-1`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"Unknown key(s) {unknown} in params.json; expected a subset of {sorted(known)}")
+        kwargs = dict(params)
+        if kwargs.get("vocab_size", -1) in (-1, None):
+            if vocab_size is None:
+                raise ValueError("params.json has no vocab_size (or -1) and none was given")
+            kwargs["vocab_size"] = vocab_size
+        return cls(**kwargs)
+
+    def to_params_json(self) -> dict[str, Any]:
+        """The `params.json` dictionary Meta's code reads (None fields are left out, as Meta does)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, *,
+                         device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles `t * theta ** (-2i / dim)`, each (end, dim // 2), in float32.
+
+    Meta returns the same angles as complex numbers `exp(i * angle)`; the real and imaginary parts are kept
+    apart here so that the rotation needs no complex arithmetic.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=device, dtype=torch.float32)
+    angles = torch.outer(t, freqs)  # (end, dim // 2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of the last dim by its angle; cos/sin broadcast to x[..., ::2]."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))  # (..., head_dim // 2, 2)
+    x_even, x_odd = x_pairs.unbind(-1)
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embeddings on queries and keys laid out (bsz, n_heads, seqlen, head_dim); cos/sin (seqlen, head_dim // 2).
+
+    The same rotation as Meta's `xq_ * freqs_cis` on consecutive pairs viewed as complex numbers.
+    """
+    return _rotate_pairs(xq, cos, sin), _rotate_pairs(xk, cos, sin)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """torch.repeat_interleave(x, dim=2, repeats=n_rep) for x (bs, seqlen, n_kv_heads, head_dim), as in Meta's code.
+
+    The model itself lets SDPA's `enable_gqa` share the key/value heads without this copy; this function is
+    the definition of what that computes.
+    """
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return (
+        x[:, :, :, None, :]
+        .expand(bs, slen, n_kv_heads, n_rep, head_dim)
+        .reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+    )
+
+
+class KVCache:
+    """Keys and values of every layer for `max_seq_len` positions, allocated once per generation.
+
+    Kept in the layout SDPA reads, (n_layers, bsz, n_kv_heads, max_seq_len, head_dim), so that a decoding
+    step writes one position and reads a slice with no copy. `key_mask` records which cached positions are
+    real tokens, for batches that were padded.
+    """
+
+    def __init__(self, args: ModelArgs, bsz: int, max_seq_len: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        if max_seq_len > args.max_seq_len:
+            raise ValueError(f"KV cache length {max_seq_len} exceeds the model's max_seq_len {args.max_seq_len}")
+        shape = (args.n_layers, bsz, args.kv_heads, max_seq_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(bsz, max_seq_len, device=device, dtype=torch.bool)
+        self.has_padding = False
+
+    @property
+    def bsz(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer_id: int, start_pos: int, xk: torch.Tensor,
+               xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store xk/xv (bsz, n_kv_heads, seqlen, head_dim) at start_pos; return all keys/values up to there."""
+        end = start_pos + xk.shape[2]
+        self.k[layer_id, :, :, start_pos:end] = xk
+        self.v[layer_id, :, :, start_pos:end] = xv
+        return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with grouped-query attention and rotary embeddings."""
+
+    def __init__(self, args: ModelArgs, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.kv_heads
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.head_dim = args.head_dim
+        factory = dict(bias=False, device=device, dtype=dtype)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, **factory)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, **factory)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, **factory)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, **factory)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        layer_id: int = 0,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # (bsz, seqlen, n_heads * head_dim) -> (bsz, n_heads, seqlen, head_dim), the layout SDPA reads
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        xq, xk = apply_rotary_emb(xq, xk, cos, sin)
+
+        if kv_cache is not None:
+            # (bsz, n_kv_heads, start_pos + seqlen, head_dim)
+            xk, xv = kv_cache.update(layer_id, start_pos, xk, xv)
+
+        # Without an explicit mask the block is causal from position 0 (training, prefill) or a single
+        # query that sees every cached key (decoding); SDPA's own causal path is the fastest for the first.
+        output = F.scaled_dot_product_attention(
+            xq, xk, xv, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=self.n_rep > 1
+        )  # (bsz, n_heads, seqlen, head_dim)
+        output = output.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return self.wo(output)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1(x)) * w3(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        factory = dict(bias=False, device=device, dtype=dtype)
+        self.w1 = nn.Linear(dim, hidden_dim, **factory)
+        self.w2 = nn.Linear(hidden_dim, dim, **factory)
+        self.w3 = nn.Linear(dim, hidden_dim, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args, device=device, dtype=dtype)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, device=device, dtype=dtype)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device, dtype=dtype)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(
+            self.attention_norm(x), cos, sin, mask, layer_id=self.layer_id, start_pos=start_pos, kv_cache=kv_cache
+        )
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The Llama 2 decoder: token embeddings, `n_layers` blocks, a final RMSNorm and an untied output head."""
+
+    def __init__(self, args: ModelArgs, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.args = args
+        self.vocab_size = args.vocab_size
+        self.n_layers = args.n_layers
+        self.activation_checkpointing = False
+
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            TransformerBlock(layer_id, args, device=device, dtype=dtype) for layer_id in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps, device=device, dtype=dtype)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False, device=device, dtype=dtype)
+
+        self.reset_rope_buffers(device=device)
+        self.init_weights()
+
+    def reset_rope_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary cos/sin tables on `device`, e.g. after building the model on "meta"."""
+        # float32 whatever the model dtype: bf16 angles would be wrong by whole radians at long positions.
+        # Non-persistent, so checkpoints hold weights only (Meta's optional `rope.freqs` is ignored on load).
+        cos, sin = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
+                                        device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim // 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation for training from scratch and tests: N(0, std) weights, unit norm gains.
+
+        The residual output projections (wo, w2) are scaled by 1/sqrt(2 * n_layers), as in GPT-2.
+        """
+        for name, param in self.named_parameters():
+            if param.device.type == "meta":
+                continue
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                param.normal_(0.0, std / math.sqrt(2 * self.n_layers), generator=generator)
+            else:
+                param.normal_(0.0, std, generator=generator)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.activation_checkpointing = enabled
+
+    def new_kv_cache(self, bsz: int, max_seq_len: int | None = None) -> KVCache:
+        """An empty cache on this model's device and dtype for `bsz` sequences of up to `max_seq_len` tokens."""
+        weight = self.tok_embeddings.weight
+        return KVCache(self.args, bsz, max_seq_len or self.args.max_seq_len, device=weight.device,
+                       dtype=weight.dtype)
+
+    def _attention_mask(self, bsz: int, seqlen: int, start_pos: int, kv_cache: KVCache | None,
+                        attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The boolean SDPA mask (bsz or 1, 1, seqlen, kv_len), or None where SDPA needs none.
+
+        None means: causal from position 0 (`is_causal`), or one query that sees all cached keys.
+        """
+        device = self.rope_cos.device
+        kv_len = start_pos + seqlen
+        if attention_mask is not None:
+            if attention_mask.shape != (bsz, seqlen):
+                raise ValueError(f"attention_mask must have shape (bsz, seqlen) = {(bsz, seqlen)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            real = attention_mask.to(device=device, dtype=torch.bool)
+            if kv_cache is not None:
+                kv_cache.key_mask[:, start_pos:kv_len] = real
+                kv_cache.has_padding = kv_cache.has_padding or not bool(real.all())
+        elif kv_cache is not None:
+            kv_cache.key_mask[:, start_pos:kv_len] = True
+
+        if kv_cache is not None and kv_cache.has_padding:
+            key_real = kv_cache.key_mask[:, :kv_len]  # (bsz, kv_len)
+        elif kv_cache is None and attention_mask is not None and not bool(real.all()):
+            key_real = real
+        else:
+            key_real = None
+            if start_pos == 0 or seqlen == 1:
+                return None
+
+        query_pos = torch.arange(start_pos, kv_len, device=device)[:, None]  # (seqlen, 1)
+        key_pos = torch.arange(kv_len, device=device)[None, :]  # (1, kv_len)
+        mask = (key_pos <= query_pos)[None, None]  # (1, 1, seqlen, kv_len)
+        if key_real is not None:
+            # A padding query keeps its own key so that no row is fully masked (SDPA would return NaN);
+            # real queries never see padding keys.
+            mask = mask & (key_real[:, None, None, :] | (key_pos == query_pos)[None, None])
+        return mask
+
+    def forward_hidden(
+        self,
+        tokens: torch.Tensor,
+        *,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (bsz, seqlen, dim) of tokens (bsz, seqlen) at positions start_pos...
+
+        `attention_mask` (bsz, seqlen), bool or 0/1, marks the real tokens of a padded batch: no real token
+        attends to a padding token. With a `kv_cache` the keys of positions < start_pos come from the cache.
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (bsz, seqlen), got shape {tuple(tokens.shape)}")
+        bsz, seqlen = tokens.shape
+        end = start_pos + seqlen
+        limit = self.args.max_seq_len if kv_cache is None else min(self.args.max_seq_len, kv_cache.max_seq_len)
+        if start_pos < 0 or end > limit:
+            raise ValueError(f"positions {start_pos}..{end - 1} exceed the maximum sequence length {limit}")
+        if kv_cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 needs the kv_cache holding the earlier positions")
+        if kv_cache is not None and kv_cache.bsz != bsz:
+            raise ValueError(f"kv_cache was made for batch size {kv_cache.bsz}, got {bsz}")
+
+        mask = self._attention_mask(bsz, seqlen, start_pos, kv_cache, attention_mask)
+        cos = self.rope_cos[start_pos:end]  # (seqlen, head_dim // 2)
+        sin = self.rope_sin[start_pos:end]
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, start_pos, kv_cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, start_pos, kv_cache)
+        return self.norm(h)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab_size) of tokens (bsz, seqlen); see `forward_hidden` for the arguments."""
+        h = self.forward_hidden(tokens, start_pos=start_pos, kv_cache=kv_cache, attention_mask=attention_mask)
+        return self.output(h)
+
+
+def fsdp_wrap_policy() -> Any:
+    """An FSDP `auto_wrap_policy` that shards each `TransformerBlock` as its own unit."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={TransformerBlock})

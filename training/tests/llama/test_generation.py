@@ -1,0 +1,158 @@
+"""Batched sampling: the stories260k oracle, ragged batches, log-probs, seeds, EOS and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from training.llama.checkpoint import load_checkpoint, save_meta_checkpoint
+from training.llama.generate import main as generate_main
+from training.llama.generation import generate, sample_next_token
+from training.llama.model import ModelArgs, Transformer
+from training.llama.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def stories(shared_data):
+    model, args = load_checkpoint(shared_data / "stories260k" / "meta")
+    oracle = json.loads((shared_data / "stories260k" / "oracle.json").read_text())
+    return model.eval(), args, oracle
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=64))
+    model.init_weights(std=0.3)  # peaked enough that greedy choices are not near-ties
+    return model.eval()
+
+
+def test_stories260k_reproduces_the_oracle_greedily(stories, shared_data):
+    model, args, oracle = stories
+    assert (args.n_heads, args.n_kv_heads, args.ffn_hidden_dim) == (8, 4, 172)
+    result = generate(model, [oracle["prompt_ids"]], max_new_tokens=len(oracle["expected_ids"]), temperature=0.0,
+                      eos_id=None)
+    assert result.tokens[0] == oracle["expected_ids"]
+    tokenizer = Tokenizer(shared_data / "stories260k" / "tokenizer.model")
+    assert tokenizer.decode(result.tokens[0]) == oracle["expected_text"]
+
+
+def test_stories260k_ragged_batch_equals_each_prompt_alone(stories):
+    """Left padding + the attention mask must not change a prompt's continuation."""
+    model, _, oracle = stories
+    ids = oracle["expected_ids"]
+    prompts = [[1], [1, *ids[:7]], [1, *ids[:30]], [1, *ids[100:103]]]
+    batch = generate(model, prompts, max_new_tokens=40, temperature=0.0, eos_id=None)
+    for prompt, tokens, logprobs in zip(prompts, batch.tokens, batch.logprobs, strict=True):
+        alone = generate(model, [prompt], max_new_tokens=40, temperature=0.0, eos_id=None)
+        assert tokens == alone.tokens[0]
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(alone.logprobs[0]), atol=1e-4, rtol=0)
+    assert batch.tokens[1] == ids[7:47]  # the oracle continues its own prefix
+
+
+def test_cached_sampling_equals_recomputing_the_full_sequence(tiny):
+    """KV-cache decoding picks the same tokens, with the same log-probs, as full forward passes."""
+    prompts = [[1, 5, 9, 3], [1, 7]]
+    result = generate(tiny, prompts, max_new_tokens=12, temperature=0.0, eos_id=None)
+    for prompt, tokens, logprobs in zip(prompts, result.tokens, result.logprobs, strict=True):
+        seq = list(prompt)
+        expected_lp = []
+        with torch.no_grad():
+            for _ in range(12):
+                logits = tiny(torch.tensor([seq]))[0, -1]
+                seq.append(int(logits.argmax()))
+                expected_lp.append(float(torch.log_softmax(logits, -1)[seq[-1]]))
+        assert tokens == seq[len(prompt):]
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_lp), atol=1e-5, rtol=0)
+
+
+def test_logprobs_are_under_the_temperature_scaled_untruncated_distribution(tiny):
+    prompt = [1, 2, 3]
+    result = generate(tiny, [prompt], max_new_tokens=6, temperature=0.7, top_p=0.5, seed=3, eos_id=None)
+    seq = prompt + result.tokens[0]
+    with torch.no_grad():
+        logits = tiny(torch.tensor([seq]))[0, len(prompt) - 1 : -1]  # the logits that chose each new token
+    expected = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, torch.tensor(result.tokens[0])[:, None])
+    torch.testing.assert_close(torch.tensor(result.logprobs[0]), expected.squeeze(-1), atol=1e-5, rtol=0)
+
+
+def test_seed_makes_sampling_reproducible(tiny):
+    prompts = [[1, 4], [1, 8, 9, 10]]
+    kwargs = dict(max_new_tokens=20, temperature=1.5, top_p=1.0, eos_id=None)
+    a = generate(tiny, prompts, seed=7, **kwargs)
+    b = generate(tiny, prompts, seed=7, **kwargs)
+    c = generate(tiny, prompts, seed=8, **kwargs)
+    assert a == b
+    assert a.tokens != c.tokens
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(tiny):
+    prompts = [[1, 4], [1, 8, 9, 10]]
+    greedy = generate(tiny, prompts, max_new_tokens=10, temperature=0.0, eos_id=None).tokens
+    assert generate(tiny, prompts, max_new_tokens=10, temperature=1.0, top_k=1, seed=0, eos_id=None).tokens == greedy
+    assert generate(tiny, prompts, max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=0, eos_id=None).tokens == greedy
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    tokens, _ = sample_next_token(logits, temperature=1.0, top_p=1.0, top_k=2, generator=generator)
+    assert set(tokens.tolist()) == {0, 1}
+    # softmax is about [0.64, 0.24, 0.09, ...]: the nucleus for p=0.8 is {0, 1} (0.64 < 0.8 <= 0.88)
+    tokens, _ = sample_next_token(logits, temperature=1.0, top_p=0.8, top_k=None, generator=generator)
+    assert set(tokens.tolist()) == {0, 1}
+    tokens, _ = sample_next_token(logits, temperature=1.0, top_p=1.0, top_k=None, generator=generator)
+    assert set(tokens.tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_each_sequence_stops_at_eos(tiny):
+    prompts = [[1, 4], [1, 8, 9, 10], [1, 2]]
+    free = generate(tiny, prompts, max_new_tokens=15, temperature=0.0, eos_id=None).tokens
+    eos = free[0][4]  # make the first sequence's 5th token the EOS
+    stopped = generate(tiny, prompts, max_new_tokens=15, temperature=0.0, eos_id=eos)
+    for full, cut, lps in zip(free, stopped.tokens, stopped.logprobs, strict=True):
+        expected = full[: full.index(eos)] if eos in full else full
+        assert cut == expected
+        assert len(lps) == len(cut)
+    lengths = [len(t) for t in stopped.tokens]
+    assert 0 < lengths[0] <= 4
+    assert 15 in lengths  # a sequence without EOS runs on after the others stopped
+
+
+def test_generation_stops_at_max_seq_len_and_validates_input(tiny):
+    result = generate(tiny, [[1] * 120], max_new_tokens=50, temperature=0.0, eos_id=None)
+    assert len(result.tokens[0]) == 8  # tiny max_seq_len is 128, like Meta's total_len clipping
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(tiny, [[1], []], max_new_tokens=2, eos_id=None)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(tiny, [[1]], max_new_tokens=2, top_p=0.0, eos_id=None)
+    with pytest.raises(ValueError, match="token ids"):
+        generate(tiny, [[64]], max_new_tokens=2, eos_id=None)
+    assert generate(tiny, [[1]], max_new_tokens=3, eos_id=None, return_logprobs=False).logprobs is None
+
+
+def test_generate_is_not_training_and_model_still_trains_afterwards(tiny):
+    generate(tiny, [[1, 2]], max_new_tokens=3, eos_id=None)
+    loss = tiny(torch.tensor([[1, 2, 3]])).sum()
+    loss.backward()
+    assert tiny.output.weight.grad is not None
+
+
+def test_cli_prints_the_greedy_completion(shared_data, capsys, tmp_path):
+    oracle = json.loads((shared_data / "stories260k" / "oracle.json").read_text())
+    tokenizer = shared_data / "stories260k" / "tokenizer.model"
+    # through a re-saved copy too, so the CLI's auto-detection sees a checkpoint we wrote
+    model, _ = load_checkpoint(shared_data / "stories260k" / "meta")
+    save_meta_checkpoint(model, tmp_path / "copy")
+    code = generate_main(["--checkpoint", str(tmp_path / "copy"), "--tokenizer", str(tokenizer),
+                          "--prompt", "", "--max-new-tokens", "40", "--temperature", "0"])
+    assert code == 0
+    expected = Tokenizer(tokenizer).decode(oracle["expected_ids"][:40])
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_reports_a_missing_checkpoint(shared_data, capsys, tmp_path):
+    code = generate_main(["--checkpoint", str(tmp_path / "none"), "--tokenizer",
+                          str(shared_data / "stories260k" / "tokenizer.model"), "--prompt", "hi", "--chat"])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

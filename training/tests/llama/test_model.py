@@ -1,0 +1,255 @@
+"""The Llama 2 transformer: parity with transformers' LlamaForCausalLM, KV cache, masking, training."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.llama.checkpoint import save_hf_checkpoint, save_meta_checkpoint
+from training.llama.model import (
+    Attention,
+    ModelArgs,
+    Transformer,
+    TransformerBlock,
+    apply_rotary_emb,
+    fsdp_wrap_policy,
+    precompute_freqs_cis,
+    repeat_kv,
+)
+
+# Random tiny configurations: grouped-query (n_rep 2 and 4), multi-query, plain multi-head, odd
+# ffn_dim_multiplier and rope_theta, a vocabulary that is not a power of two.
+TINY_CONFIGS = {
+    "gqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16),
+    "gqa4-theta": dict(dim=96, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=128, multiple_of=32,
+                       ffn_dim_multiplier=1.3, rope_theta=500000.0, norm_eps=1e-6),
+    "mqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=64, multiple_of=8),
+    "mha": dict(dim=48, n_layers=2, n_heads=3, n_kv_heads=None, vocab_size=50, multiple_of=4),
+}
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    args = ModelArgs.preset("tiny", **overrides)
+    # Larger than the training init so that every layer changes the logits noticeably.
+    model = Transformer(args)
+    model.init_weights(std=0.2)
+    return model.eval()
+
+
+def hf_model(path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta"])
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_logits_match_transformers(tmp_path, name, fmt):
+    """Our logits equal LlamaForCausalLM's within 1e-5 in fp32 when the weights travel through either format."""
+    model = tiny_model(**TINY_CONFIGS[name])
+    hf_dir = tmp_path / "hf"
+    if fmt == "hf":
+        save_hf_checkpoint(model, hf_dir)
+    else:
+        # Meta -> our loader -> HF writer: the HF model sees weights that went through the Meta format.
+        from training.llama.checkpoint import load_checkpoint
+
+        save_meta_checkpoint(model, tmp_path / "meta")
+        reloaded, _ = load_checkpoint(tmp_path / "meta")
+        save_hf_checkpoint(reloaded, hf_dir)
+    reference = hf_model(hf_dir)
+    tokens = torch.randint(0, model.args.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = reference(tokens).logits
+    assert ours.shape == (3, 37, model.args.vocab_size)
+    assert theirs.abs().max() > 1.0  # a meaningful comparison, not two near-zero tensors
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_states_match_transformers(tmp_path):
+    """forward_hidden is the final-norm output: HF's last hidden state."""
+    model = tiny_model(**TINY_CONFIGS["gqa"])
+    save_hf_checkpoint(model, tmp_path)
+    reference = hf_model(tmp_path)
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        hidden = model.forward_hidden(tokens)
+        theirs = reference.model(tokens).last_hidden_state
+    torch.testing.assert_close(hidden, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.output(hidden), model(tokens))
+
+
+@pytest.mark.parametrize("name", ["gqa", "mha"])
+def test_cached_incremental_decoding_equals_full_forward(name):
+    model = tiny_model(**TINY_CONFIGS[name])
+    tokens = torch.randint(0, model.args.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_kv_cache(bsz=2, max_seq_len=24)
+        # a multi-token prefill, a multi-token chunk at an offset (needs the causal mask), then single tokens
+        chunks = [model(tokens[:, :10], kv_cache=cache), model(tokens[:, 10:15], start_pos=10, kv_cache=cache)]
+        chunks += [model(tokens[:, t : t + 1], start_pos=t, kv_cache=cache) for t in range(15, 24)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_right_padding_does_not_change_real_tokens():
+    model = tiny_model(**TINY_CONFIGS["gqa"])
+    short = torch.randint(3, 97, (1, 9))
+    long = torch.randint(3, 97, (1, 16))
+    batch = torch.zeros(2, 16, dtype=torch.long)
+    batch[0, :9] = short
+    batch[1] = long
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :9] = True
+    mask[1] = True
+    with torch.no_grad():
+        padded = model.forward_hidden(batch, attention_mask=mask)
+        alone = model.forward_hidden(short)
+        alone_long = model.forward_hidden(long)
+    assert torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[0, :9], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1], alone_long[0], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_with_mask_matches_unpadded():
+    """Rotary attention only sees relative positions, so masked left padding leaves real tokens unchanged."""
+    model = tiny_model(**TINY_CONFIGS["gqa"])
+    tokens = torch.randint(3, 97, (1, 7))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), tokens], dim=1)
+    mask = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        ours = model.forward_hidden(padded, attention_mask=mask)[:, 5:]
+        unmasked = model.forward_hidden(padded)[:, 5:]
+        alone = model.forward_hidden(tokens)
+    torch.testing.assert_close(ours, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked, alone, atol=1e-3)  # the mask is what makes them equal
+
+
+def test_attention_mask_shape_is_checked():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def test_positions_beyond_max_seq_len_raise():
+    model = tiny_model(max_seq_len=8)
+    with pytest.raises(ValueError, match="maximum sequence length 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_rotary_matches_metas_complex_formulation():
+    """Real-valued rotation == Meta's `torch.view_as_complex(x) * freqs_cis` on interleaved pairs."""
+    head_dim, seqlen = 16, 11
+    cos, sin = precompute_freqs_cis(head_dim, seqlen, theta=10000.0)
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs_cis = torch.polar(torch.ones(seqlen, head_dim // 2), torch.outer(torch.arange(seqlen).float(), freqs))
+    xq = torch.randn(2, seqlen, 4, head_dim)  # Meta's layout (bsz, seqlen, n_heads, head_dim)
+    xk = torch.randn(2, seqlen, 2, head_dim)
+
+    def meta_rotate(x):
+        x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(x_ * freqs_cis[None, :, None, :]).flatten(3)
+
+    # ours takes (bsz, n_heads, seqlen, head_dim)
+    q_ours, k_ours = apply_rotary_emb(xq.transpose(1, 2), xk.transpose(1, 2), cos, sin)
+    torch.testing.assert_close(q_ours.transpose(1, 2), meta_rotate(xq))
+    torch.testing.assert_close(k_ours.transpose(1, 2), meta_rotate(xk))
+
+
+def test_repeat_kv_is_repeat_interleave_and_gqa_attention_uses_it():
+    x = torch.randn(2, 5, 3, 8)
+    torch.testing.assert_close(repeat_kv(x, 4), torch.repeat_interleave(x, dim=2, repeats=4))
+    # The model's SDPA(enable_gqa) attention equals attention over explicitly repeated heads.
+    args = ModelArgs.preset("tiny")
+    attention = Attention(args)
+    h = torch.randn(2, 6, args.dim)
+    cos, sin = precompute_freqs_cis(args.head_dim, 6)
+    xq = attention.wq(h).view(2, 6, args.n_heads, args.head_dim).transpose(1, 2)
+    xk = attention.wk(h).view(2, 6, args.kv_heads, args.head_dim).transpose(1, 2)
+    xv = attention.wv(h).view(2, 6, args.kv_heads, args.head_dim)
+    xq, xk = apply_rotary_emb(xq, xk, cos, sin)
+    n_rep = args.n_heads // args.kv_heads
+    keys = repeat_kv(xk.transpose(1, 2), n_rep).transpose(1, 2)
+    values = repeat_kv(xv, n_rep).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(xq, keys, values, is_causal=True)
+    expected = attention.wo(expected.transpose(1, 2).reshape(2, 6, -1))
+    torch.testing.assert_close(attention(h, cos, sin, None), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "n_params", "hidden"),
+    [("7B", 6_738_415_616, 11008), ("13B", 13_015_864_320, 13824), ("70B", 68_976_648_192, 28672)],
+)
+def test_presets_have_the_published_sizes(name, n_params, hidden):
+    args = ModelArgs.preset(name)
+    assert args.ffn_hidden_dim == hidden
+    model = Transformer(args, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+def test_model_args_validation_and_params_json():
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        ModelArgs(dim=65, n_heads=4)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="Unknown ModelArgs preset"):
+        ModelArgs.preset("7b-chat-typo")
+    with pytest.raises(ValueError, match="Unknown key"):
+        ModelArgs.from_params_json({"dim": 64, "n_heads": 4, "n_layers": 1, "vocab_size": 8, "bias": True})
+    meta_7b = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}
+    with pytest.raises(ValueError, match="vocab_size"):
+        ModelArgs.from_params_json(meta_7b)
+    args = ModelArgs.from_params_json(meta_7b, vocab_size=32000)
+    assert args == ModelArgs.preset("7B")
+    assert ModelArgs.from_params_json(args.to_params_json()) == args
+    assert "n_kv_heads" not in args.to_params_json()
+
+
+def test_training_step_updates_every_parameter():
+    model = tiny_model(**TINY_CONFIGS["gqa"]).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 97, (2, 16))
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, 97), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    optimizer.step()
+    for key, value in model.state_dict().items():
+        assert not torch.equal(value, before[key]), f"{key} did not change"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = tiny_model(**TINY_CONFIGS["gqa"]).train()
+    tokens = torch.randint(0, 97, (2, 16))
+
+    def grads():
+        model.zero_grad()
+        model(tokens).logsumexp(-1).mean().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_activation_checkpointing(True)
+    checkpointed = grads()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key])
+
+
+def test_bfloat16_model_keeps_float32_rotary_tables():
+    model = Transformer(ModelArgs.preset("tiny"), dtype=torch.bfloat16)
+    assert model.output.weight.dtype == torch.bfloat16
+    assert model.rope_cos.dtype == torch.float32
+    logits = model(torch.randint(0, 256, (2, 8)))
+    assert logits.dtype == torch.bfloat16
+    assert torch.isfinite(logits).all()
+
+
+def test_fsdp_wrap_policy_wraps_each_transformer_block():
+    policy = fsdp_wrap_policy()
+    assert isinstance(policy, functools.partial)
+    model = Transformer(ModelArgs.preset("tiny"), device="meta")
+    assert policy(module=model.layers[0], recurse=False, nonwrapped_numel=0)
+    assert not policy(module=model.norm, recurse=False, nonwrapped_numel=0)
+    assert policy.keywords["transformer_layer_cls"] == {TransformerBlock}
