@@ -1,1 +1,32 @@
-urlpatterns: list = []
+from django.urls import path
+from rest_framework.authtoken.views import obtain_auth_token
+from rest_framework.routers import DefaultRouter
+
+from . import views
+
+router = DefaultRouter()
+router.register("prompts", views.PromptViewSet, basename="prompt")
+router.register("batches", views.BatchViewSet, basename="batch")
+router.register("annotations", views.AnnotationViewSet, basename="annotation")
+router.register("policies", views.PolicyVersionViewSet, basename="policy")
+router.register("reward-models", views.RewardModelVersionViewSet, basename="reward-model")
+router.register("training-runs", views.TrainingRunViewSet, basename="training-run")
+
+batch_stats = views.BatchViewSet.as_view({"get": "stats"})
+batch_close = views.BatchViewSet.as_view({"post": "close"})
+
+urlpatterns = [
+    path("auth/token/", obtain_auth_token, name="api-token"),
+    path("tasks/next/", views.TaskNextView.as_view(), name="task-next"),
+    path("tasks/waiting/", views.WaitingTasksView.as_view(), name="task-waiting"),
+    path("tasks/<int:task_id>/submit/", views.TaskSubmitView.as_view(), name="task-submit"),
+    path("tasks/<int:task_id>/skip/", views.TaskSkipView.as_view(), name="task-skip"),
+    path("tasks/<int:task_id>/release/", views.TaskReleaseView.as_view(), name="task-release"),
+    path("tasks/<int:task_id>/responses/", views.TaskResponsesView.as_view(), name="task-responses"),
+    path("batches/<int:pk>/stats/", batch_stats, name="batch-stats"),
+    path("batches/<int:pk>/close/", batch_close, name="batch-close"),
+    path("comparisons/import/", views.ImportView.as_view(), name="comparisons-import"),
+    path("export/comparisons.jsonl", views.ExportView.as_view(), name="export-comparisons"),
+    path("annotators/quality/", views.AnnotatorQualityView.as_view(), name="annotator-quality"),
+    *router.urls,
+]

@@ -202,7 +202,8 @@ class Annotation(models.Model):
     annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="annotations")
     assignment = models.OneToOneField(Assignment, on_delete=models.PROTECT, related_name="annotation")
     choice = models.CharField(max_length=1, choices=[(c.value, c.name) for c in Choice])
-    strength = models.CharField(max_length=24, choices=[(s.value, s.name) for s in Strength])
+    # Blank only for imported data that carries no strength (HH-RLHF); the UI and API require one.
+    strength = models.CharField(max_length=24, choices=[(s.value, s.name) for s in Strength], blank=True)
     safety_label = models.CharField(
         max_length=32, choices=[(s.value, s.name) for s in SafetyLabel], blank=True, default=""
     )
@@ -216,7 +217,7 @@ class Annotation(models.Model):
             models.UniqueConstraint(fields=["task", "annotator"], name="annotation_once_per_annotator"),
             models.CheckConstraint(condition=Q(choice__in=[c.value for c in Choice]), name="annotation_choice_valid"),
             models.CheckConstraint(
-                condition=Q(strength__in=[s.value for s in Strength]), name="annotation_strength_valid"
+                condition=Q(strength__in=["", *[s.value for s in Strength]]), name="annotation_strength_valid"
             ),
             models.CheckConstraint(
                 condition=Q(safety_label__in=["", *[s.value for s in SafetyLabel]]), name="annotation_safety_valid"

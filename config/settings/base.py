@@ -122,6 +122,13 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "ChoiceEnum": ["a", "b"],
+        "DomainEnum": ["helpfulness", "safety"],
+        "RiskCategoryEnum": "annotation.models.content.RiskCategory",
+        "PolicyKindEnum": "annotation.models.registry.PolicyKind",
+        "RunKindEnum": "annotation.models.registry.RunKind",
+    },
 }
 
 # Celery: the embedded default is kombu's filesystem transport (no server) with results in SQLite.

@@ -1,0 +1,59 @@
+"""Inter-annotator agreement: pairwise percent agreement and Krippendorff's alpha. Plain Python."""
+
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Sequence
+from itertools import permutations
+
+
+def percent_agreement(units: Iterable[Sequence[Hashable]]) -> float | None:
+    """Share of annotator pairs within the same unit that gave the same value; None without pairs."""
+    agree = pairs = 0
+    for values in units:
+        counts = Counter(values)
+        m = len(values)
+        pairs += m * (m - 1) // 2
+        agree += sum(c * (c - 1) // 2 for c in counts.values())
+    return agree / pairs if pairs else None
+
+
+def krippendorff_alpha(units: Iterable[Sequence], *, level: str = "nominal") -> float | None:
+    """Krippendorff's alpha over units of values (units with fewer than two values are not pairable).
+
+    `level` is "nominal" (any difference counts 1) or "ordinal" (values are ordered; the distance
+    between two values grows with how many judgements fall between them). None when undefined.
+    """
+    if level not in ("nominal", "ordinal"):
+        raise ValueError(f"level must be 'nominal' or 'ordinal', got {level!r}")
+    coincidence: dict[tuple, float] = defaultdict(float)
+    for values in units:
+        m = len(values)
+        if m < 2:
+            continue
+        for a, b in permutations(values, 2):
+            coincidence[(a, b)] += 1.0 / (m - 1)
+    if not coincidence:
+        return None
+    marginals: dict = defaultdict(float)
+    for (a, _b), w in coincidence.items():
+        marginals[a] += w
+    n = sum(marginals.values())
+    categories = sorted(marginals)
+    if len(categories) < 2:
+        return None  # everyone gave the same single value: agreement is perfect but alpha is undefined
+
+    if level == "nominal":
+
+        def delta(a, b) -> float:
+            return 0.0 if a == b else 1.0
+
+    else:
+        index = {c: i for i, c in enumerate(categories)}
+
+        def delta(a, b) -> float:
+            lo, hi = sorted((index[a], index[b]))
+            between = sum(marginals[categories[g]] for g in range(lo, hi + 1))
+            return (between - (marginals[a] + marginals[b]) / 2) ** 2
+
+    observed = sum(w * delta(a, b) for (a, b), w in coincidence.items()) / n
+    expected = sum(marginals[a] * marginals[b] * delta(a, b) for a in categories for b in categories) / (n * (n - 1))
+    return 1.0 - observed / expected if expected else None

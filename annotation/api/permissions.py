@@ -1,0 +1,41 @@
+from rest_framework.permissions import BasePermission
+
+from annotation.models import AnnotatorProfile, Role
+
+
+def role_of(user) -> str | None:
+    if not user or not user.is_authenticated:
+        return None
+    if user.is_superuser:
+        return Role.ADMIN
+    profile = AnnotatorProfile.objects.filter(user=user).only("role").first()
+    return profile.role if profile else Role.ANNOTATOR
+
+
+class HasRole(BasePermission):
+    """Allow users whose profile role is in `roles` (superusers count as admins)."""
+
+    roles: tuple[str, ...] = ()
+    message = "your role does not allow this"
+
+    def has_permission(self, request, view) -> bool:
+        return role_of(request.user) in self.roles
+
+
+class IsResearcher(HasRole):
+    roles = (Role.RESEARCHER, Role.ADMIN)
+    message = "only researchers and admins may do this"
+
+
+class IsReviewer(HasRole):
+    roles = (Role.REVIEWER, Role.RESEARCHER, Role.ADMIN)
+    message = "only reviewers, researchers and admins may do this"
+
+
+class ReadAnyWriteResearcher(BasePermission):
+    """Anyone signed in may read; researchers and admins may write."""
+
+    def has_permission(self, request, view) -> bool:
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return bool(request.user and request.user.is_authenticated)
+        return role_of(request.user) in (Role.RESEARCHER, Role.ADMIN)

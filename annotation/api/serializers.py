@@ -1,0 +1,170 @@
+from rest_framework import serializers
+
+from annotation.models import (
+    Annotation,
+    Batch,
+    PolicyVersion,
+    Prompt,
+    RewardModelVersion,
+    RiskCategory,
+    TrainingRun,
+)
+from annotation.scales import Choice, SafetyLabel, Strength
+
+DOMAINS = ["helpfulness", "safety"]
+
+
+class MessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["user", "assistant"])
+    content = serializers.CharField(trim_whitespace=False)
+
+
+class ResponseInSerializer(serializers.Serializer):
+    text = serializers.CharField(max_length=200_000)
+    policy_version = serializers.CharField(max_length=100)
+    sampling = serializers.DictField(required=False, default=dict)
+
+
+class ShownResponseSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    text = serializers.CharField()
+
+
+class AssignedTaskSerializer(serializers.Serializer):
+    """What an annotator sees: no policy names, no gold flag, nobody else's labels."""
+
+    task_id = serializers.IntegerField()
+    batch = serializers.CharField()
+    domain = serializers.CharField()
+    risk_category = serializers.CharField(allow_blank=True)
+    dialogue = MessageSerializer(many=True)
+    response_a = ShownResponseSerializer()
+    response_b = ShownResponseSerializer()
+    leased_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField()
+
+
+class SubmitInSerializer(serializers.Serializer):
+    choice = serializers.ChoiceField(choices=[c.value for c in Choice])
+    strength = serializers.ChoiceField(choices=[s.value for s in Strength])
+    safety_label = serializers.ChoiceField(choices=["", *[s.value for s in SafetyLabel]], required=False, default="")
+    note = serializers.CharField(required=False, allow_blank=True, default="", max_length=10_000)
+    time_on_task_ms = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=86_400_000)
+    continue_with = serializers.CharField(
+        required=False, allow_blank=True, default="", max_length=50_000,
+        help_text="a next user message: continues the dialogue with the chosen reply",
+    )  # fmt: skip
+
+
+class AnnotationSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Annotation
+        fields = ["id", "task", "choice", "strength", "safety_label", "note", "time_on_task_ms", "too_fast", "created_at"]
+        read_only_fields = fields
+
+
+class SubmitOutSerializer(serializers.Serializer):
+    annotation = AnnotationSerializer()
+    created = serializers.BooleanField()
+    continuation_task_id = serializers.IntegerField(allow_null=True)
+
+
+class PromptInSerializer(serializers.Serializer):
+    text = serializers.CharField(max_length=50_000)
+    domain = serializers.ChoiceField(choices=DOMAINS)
+    risk_category = serializers.ChoiceField(choices=["", *RiskCategory.values], required=False, default="")
+    batch = serializers.CharField(required=False, help_text="batch name; default: the newest open batch")
+
+
+class PromptSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Prompt
+        fields = ["id", "text", "domain", "risk_category", "source", "author", "created_at"]
+        read_only_fields = fields
+
+
+class PromptCreatedSerializer(serializers.Serializer):
+    prompt = PromptSerializer()
+    task_id = serializers.IntegerField()
+
+
+class BatchSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Batch
+        fields = [
+            "id", "name", "status", "overlap", "gold_rate", "lease_seconds", "too_fast_seconds", "test_size",
+            "created_at", "closed_at",
+        ]  # fmt: skip
+        read_only_fields = ["id", "status", "created_at", "closed_at"]
+
+    def validate_overlap(self, value):
+        if value < 1:
+            raise serializers.ValidationError("overlap must be at least 1")
+        return value
+
+    def validate_gold_rate(self, value):
+        if not 0 <= value <= 1:
+            raise serializers.ValidationError("gold_rate must be between 0 and 1")
+        return value
+
+    def validate_lease_seconds(self, value):
+        if value < 10:
+            raise serializers.ValidationError("lease_seconds must be at least 10")
+        return value
+
+    def validate_too_fast_seconds(self, value):
+        if value < 0 or value > 86_400:
+            raise serializers.ValidationError("too_fast_seconds must be between 0 and 86400")
+        return value
+
+
+class AttachResponsesSerializer(serializers.Serializer):
+    responses = ResponseInSerializer(many=True, min_length=2, max_length=2)
+
+
+class ImportItemSerializer(serializers.Serializer):
+    prompt = serializers.CharField(required=False, max_length=50_000, help_text="a single-turn context")
+    dialogue = MessageSerializer(many=True, required=False, help_text="a multi-turn context ending with a user turn")
+    domain = serializers.ChoiceField(choices=DOMAINS)
+    risk_category = serializers.ChoiceField(choices=["", *RiskCategory.values], required=False, default="")
+    responses = ResponseInSerializer(many=True, min_length=2, max_length=2)
+    gold_choice = serializers.ChoiceField(choices=["", "a", "b"], required=False, default="")
+
+    def validate(self, attrs):
+        if bool(attrs.get("prompt")) == bool(attrs.get("dialogue")):
+            raise serializers.ValidationError("give exactly one of 'prompt' or 'dialogue'")
+        return attrs
+
+
+class ImportSerializer(serializers.Serializer):
+    batch = serializers.CharField(max_length=100)
+    items = ImportItemSerializer(many=True, min_length=1, max_length=5000)
+
+
+class ImportOutSerializer(serializers.Serializer):
+    batch = serializers.CharField()
+    task_ids = serializers.ListField(child=serializers.IntegerField())
+
+
+class PolicyVersionSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = PolicyVersion
+        fields = ["id", "name", "kind", "parent", "checkpoint_uri", "metrics", "is_current", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+
+class RewardModelVersionSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RewardModelVersion
+        fields = ["id", "name", "kind", "parent", "checkpoint_uri", "batches", "metrics", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+
+class TrainingRunSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TrainingRun
+        fields = [
+            "id", "kind", "params", "status", "progress", "metrics", "error", "created_at", "started_at",
+            "finished_at", "policy_version", "reward_model_version",
+        ]  # fmt: skip
+        read_only_fields = [f for f in fields if f not in ("kind", "params")]

@@ -1,0 +1,365 @@
+"""Thin API views: parse input, call one service or selector, shape the output."""
+
+from django.db import transaction
+from django.http import StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django_filters import rest_framework as filters
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+
+from annotation.models import (
+    Annotation,
+    Batch,
+    BatchStatus,
+    ComparisonTask,
+    PolicyVersion,
+    Prompt,
+    RewardModelVersion,
+    Role,
+    TrainingRun,
+)
+from annotation.selectors import annotator_quality, batch_stats, task_context
+from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
+from annotation.services.batches import batch_close
+from annotation.services.dialogues import prompt_create, task_attach_responses
+from annotation.services.errors import InvalidInput, NotFound
+from annotation.services.exports import FORMATS, ExportFilters, comparisons_export_lines
+from annotation.services.imports import ComparisonRecord, ResponseRecord, comparisons_store, policies_resolve
+
+from . import serializers as s
+from .permissions import IsResearcher, ReadAnyWriteResearcher, role_of
+
+
+def _task_payload(assignment) -> dict:
+    task = assignment.task
+    return {
+        "task_id": task.id,
+        "batch": task.batch.name,
+        "domain": task.domain,
+        "risk_category": task.dialogue.prompt.risk_category,
+        "dialogue": task_context(task),
+        "response_a": {"id": task.response_a_id, "text": task.response_a.text},
+        "response_b": {"id": task.response_b_id, "text": task.response_b.text},
+        "leased_at": assignment.leased_at,
+        "expires_at": assignment.expires_at,
+    }
+
+
+class TaskNextView(APIView):
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "claim"
+
+    @extend_schema(
+        request=None,
+        responses={200: s.AssignedTaskSerializer, 204: OpenApiResponse(description="no task available for you")},
+        summary="Claim the next comparison (or get the one you already hold)",
+    )
+    def post(self, request):
+        assignment = assignment_claim_next(user=request.user)
+        if assignment is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        assignment = (
+            type(assignment)
+            .objects.select_related("task__batch", "task__dialogue__prompt", "task__response_a", "task__response_b")
+            .get(pk=assignment.pk)
+        )
+        return Response(s.AssignedTaskSerializer(_task_payload(assignment)).data)
+
+
+class TaskSubmitView(APIView):
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "submit"
+
+    @extend_schema(request=s.SubmitInSerializer, responses={200: s.SubmitOutSerializer, 201: s.SubmitOutSerializer})
+    def post(self, request, task_id: int):
+        data = s.SubmitInSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        result = annotation_submit(user=request.user, task_id=task_id, **data.validated_data)
+        out = {
+            "annotation": result.annotation,
+            "created": result.created,
+            "continuation_task_id": result.continuation.id if result.continuation else None,
+        }
+        return Response(
+            s.SubmitOutSerializer(out).data, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
+        )
+
+
+_given_back = inline_serializer("GivenBack", {"task_id": serializers.IntegerField(), "status": serializers.CharField()})
+
+
+class TaskSkipView(APIView):
+    skip = True
+
+    @extend_schema(request=None, responses={200: _given_back})
+    def post(self, request, task_id: int):
+        assignment = assignment_give_back(user=request.user, task_id=task_id, skip=self.skip)
+        return Response({"task_id": task_id, "status": assignment.status})
+
+
+class TaskReleaseView(TaskSkipView):
+    skip = False
+
+
+class TaskResponsesView(APIView):
+    """A model worker attaches the two responses a waiting comparison needs."""
+
+    permission_classes = [IsResearcher]
+
+    @extend_schema(request=s.AttachResponsesSerializer, responses={200: inline_serializer(
+        "AttachedTask", {"task_id": serializers.IntegerField(), "status": serializers.CharField()})})  # fmt: skip
+    def post(self, request, task_id: int):
+        data = s.AttachResponsesSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        responses = data.validated_data["responses"]
+        with transaction.atomic():
+            policies = policies_resolve({r["policy_version"] for r in responses}, create_external=False)
+            task = task_attach_responses(task_id=task_id, responses=responses, policies=policies)
+        return Response({"task_id": task.id, "status": task.status})
+
+
+class WaitingTaskSerializer(serializers.Serializer):
+    task_id = serializers.IntegerField(source="id")
+    batch = serializers.CharField(source="batch.name")
+    domain = serializers.CharField()
+    dialogue = s.MessageSerializer(many=True, source="context")
+
+
+class WaitingTasksView(APIView):
+    """Comparisons waiting for model responses (new prompts, continued dialogues), oldest first."""
+
+    permission_classes = [IsResearcher]
+
+    @extend_schema(
+        parameters=[OpenApiParameter("limit", int, description="at most this many (default 100, max 1000)")],
+        responses={200: WaitingTaskSerializer(many=True)},
+    )
+    def get(self, request):
+        try:
+            limit = min(max(int(request.query_params.get("limit", 100)), 1), 1000)
+        except ValueError:
+            raise InvalidInput("limit must be an integer", field="limit") from None
+        tasks = list(
+            ComparisonTask.objects.filter(status="awaiting_responses", batch__status=BatchStatus.OPEN)
+            .select_related("batch")
+            .order_by("id")[:limit]
+        )
+        for task in tasks:
+            task.context = task_context(task)
+        return Response(WaitingTaskSerializer(tasks, many=True).data)
+
+
+class PromptViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Prompts: annotators see their own, researchers all. Writing one opens a comparison."""
+
+    queryset = Prompt.objects.none()  # per user, see get_queryset
+    serializer_class = s.PromptSerializer
+    filterset_fields = ["domain", "risk_category", "source"]
+
+    def get_queryset(self):
+        qs = Prompt.objects.order_by("-id")
+        if role_of(self.request.user) in (Role.RESEARCHER, Role.ADMIN, Role.REVIEWER):
+            return qs
+        return qs.filter(author=self.request.user)
+
+    @extend_schema(request=s.PromptInSerializer, responses={201: s.PromptCreatedSerializer})
+    def create(self, request):
+        data = s.PromptInSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        batch = None
+        if v.get("batch"):
+            batch = Batch.objects.filter(name=v["batch"]).first()
+            if batch is None:
+                raise NotFound(f"batch {v['batch']!r} does not exist")
+        task = prompt_create(
+            author=request.user, text=v["text"], domain=v["domain"], risk_category=v["risk_category"], batch=batch
+        )
+        return Response(
+            s.PromptCreatedSerializer({"prompt": task.dialogue.prompt, "task_id": task.id}).data,
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet):
+    queryset = Batch.objects.order_by("created_at", "id")
+    serializer_class = s.BatchSerializer
+    permission_classes = [ReadAnyWriteResearcher]
+    filterset_fields = ["status"]
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT})
+    def stats(self, request, pk=None):
+        return Response(batch_stats(self.get_object()))
+
+    @extend_schema(request=None, responses={200: s.BatchSerializer})
+    def close(self, request, pk=None):
+        return Response(s.BatchSerializer(batch_close(batch_id=self.get_object().pk)).data)
+
+
+class ImportView(APIView):
+    """Bulk import of model responses: two responses per prompt or dialogue; comparison tasks come back."""
+
+    permission_classes = [IsResearcher]
+
+    @extend_schema(request=s.ImportSerializer, responses={201: s.ImportOutSerializer})
+    def post(self, request):
+        data = s.ImportSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        batch = Batch.objects.filter(name=data.validated_data["batch"]).first()
+        if batch is None:
+            raise NotFound(f"batch {data.validated_data['batch']!r} does not exist", field="batch")
+        records = []
+        for i, item in enumerate(data.validated_data["items"]):
+            if item.get("prompt"):
+                turns = (("user", item["prompt"]),)
+            else:
+                turns = tuple((m["role"], m["content"]) for m in item["dialogue"])
+            a, b = (ResponseRecord(r["text"], r["policy_version"], r.get("sampling") or {}) for r in item["responses"])
+            records.append(
+                ComparisonRecord(
+                    turns=turns,
+                    response_a=a,
+                    response_b=b,
+                    domain=item["domain"],
+                    risk_category=item["risk_category"],
+                    gold_choice=item["gold_choice"],
+                    origin=f"items[{i}]",
+                )
+            )
+        tasks = comparisons_store(batch=batch, records=records, author=request.user)
+        return Response({"batch": batch.name, "task_ids": [t.id for t in tasks]}, status=status.HTTP_201_CREATED)
+
+
+def _bool_param(request, name: str, default: bool) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise InvalidInput(f"{name} must be true or false, got {raw!r}", field=name)
+
+
+def _date_param(request, name: str):
+    from django.utils.dateparse import parse_date, parse_datetime
+
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        value = parse_datetime(raw) or parse_date(raw)
+    except ValueError:
+        value = None
+    if value is None:
+        raise InvalidInput(f"{name} must be an ISO date or datetime, got {raw!r}", field=name)
+    if not hasattr(value, "hour"):
+        from datetime import datetime, time
+
+        from django.utils import timezone
+
+        value = timezone.make_aware(datetime.combine(value, time.min))
+    return value
+
+
+class ExportView(APIView):
+    permission_classes = [IsResearcher]
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("format", str, enum=list(FORMATS), description="native (default), trl or hh-rlhf"),
+            OpenApiParameter("batch", str),
+            OpenApiParameter("domain", str, enum=["helpfulness", "safety"]),
+            OpenApiParameter("split", str, enum=["train", "test"]),
+            OpenApiParameter("created_after", str, description="ISO date or datetime"),
+            OpenApiParameter("created_before", str, description="ISO date or datetime"),
+            OpenApiParameter("include_gold", bool, description="default false"),
+            OpenApiParameter("aggregate", bool, description="one row per task by majority vote"),
+            OpenApiParameter("margin", str, enum=["none", "small", "large"], description="Table 27 margins (trl)"),
+        ],
+        responses={(200, "application/jsonl"): OpenApiTypes.STR},
+    )
+    def get(self, request):
+        p = request.query_params
+        domain, split = p.get("domain"), p.get("split")
+        if domain and domain not in ("helpfulness", "safety"):
+            raise InvalidInput("domain must be helpfulness or safety", field="domain")
+        if split and split not in ("train", "test"):
+            raise InvalidInput("split must be train or test", field="split")
+        filters_ = ExportFilters(
+            batch=p.get("batch") or None,
+            domain=domain or None,
+            split=split or None,
+            created_after=_date_param(request, "created_after"),
+            created_before=_date_param(request, "created_before"),
+            include_gold=_bool_param(request, "include_gold", False),
+        )
+        lines = comparisons_export_lines(
+            filters=filters_,
+            fmt=p.get("format", "native"),
+            margin=p.get("margin", "small"),
+            aggregate=_bool_param(request, "aggregate", False),
+        )
+        first = next(lines, None)  # validate parameters before the 200 goes out
+
+        def stream():
+            if first is not None:
+                yield first
+                yield from lines
+
+        response = StreamingHttpResponse(stream(), content_type="application/jsonl; charset=utf-8")
+        response["Content-Disposition"] = 'attachment; filename="comparisons.jsonl"'
+        return response
+
+
+class AnnotatorQualityView(APIView):
+    permission_classes = [IsResearcher]
+
+    @extend_schema(parameters=[OpenApiParameter("batch", str)], responses={200: OpenApiTypes.OBJECT})
+    def get(self, request):
+        batch = None
+        if name := request.query_params.get("batch"):
+            batch = get_object_or_404(Batch, name=name)
+        return Response(annotator_quality(batch=batch))
+
+
+class AnnotationFilter(filters.FilterSet):
+    class Meta:
+        model = Annotation
+        fields = ["task", "choice", "strength"]
+
+
+class AnnotationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Your own annotations. Blind: nobody sees another annotator's labels here."""
+
+    queryset = Annotation.objects.none()  # per user, see get_queryset
+    serializer_class = s.AnnotationSerializer
+    filterset_class = AnnotationFilter
+
+    def get_queryset(self):
+        return Annotation.objects.filter(annotator=self.request.user).order_by("-id")
+
+
+class PolicyVersionViewSet(viewsets.ModelViewSet):
+    queryset = PolicyVersion.objects.all()
+    serializer_class = s.PolicyVersionSerializer
+    permission_classes = [ReadAnyWriteResearcher]
+    filterset_fields = ["kind", "is_current"]
+    http_method_names = ["get", "post", "patch", "head", "options"]
+
+
+class RewardModelVersionViewSet(PolicyVersionViewSet):
+    queryset = RewardModelVersion.objects.all()
+    serializer_class = s.RewardModelVersionSerializer
+    filterset_fields = ["kind"]
+
+
+class TrainingRunViewSet(PolicyVersionViewSet):
+    queryset = TrainingRun.objects.all()
+    serializer_class = s.TrainingRunSerializer
+    filterset_fields = ["kind", "status"]
+    http_method_names = ["get", "head", "options"]

@@ -1,0 +1,115 @@
+"""Reads: batch statistics, annotator quality, the tasks an annotator may see."""
+
+from collections import defaultdict
+from datetime import datetime
+
+from django.db.models import Avg, Count, F, Q, Sum
+from django.db.models.functions import TruncDate
+
+from annotation.agreement import krippendorff_alpha, percent_agreement
+from annotation.models import Annotation, Batch, ComparisonTask, TaskStatus, Turn
+from annotation.scales import signed_preference
+
+
+def batch_agreement(batch: Batch) -> dict:
+    """Agreement on non-gold tasks with two or more annotations: choice (nominal), signed strength (ordinal)."""
+    choices: dict[int, list[str]] = defaultdict(list)
+    signed: dict[int, list[int]] = defaultdict(list)
+    for task_id, choice, strength in Annotation.objects.filter(
+        task__batch=batch, task__is_gold=False, task__annotation_count__gte=2
+    ).values_list("task_id", "choice", "strength"):
+        choices[task_id].append(choice)
+        if strength:
+            signed[task_id].append(signed_preference(choice, strength))
+    return {
+        "tasks_with_overlap": len(choices),
+        "percent_agreement": percent_agreement(choices.values()),
+        "alpha_choice": krippendorff_alpha(choices.values(), level="nominal"),
+        "alpha_strength_ordinal": krippendorff_alpha(signed.values(), level="ordinal"),
+    }
+
+
+def gold_accuracy(annotations) -> float | None:
+    gold = annotations.filter(task__is_gold=True)
+    total = gold.count()
+    if not total:
+        return None
+    return gold.filter(choice=F("task__gold_choice")).count() / total
+
+
+def batch_stats(batch: Batch) -> dict:
+    """Progress, throughput per day, agreement, gold accuracy and too-fast rate of one batch."""
+    tasks = ComparisonTask.objects.filter(batch=batch, is_gold=False)
+    by_status = dict(tasks.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
+    annotations = Annotation.objects.filter(task__batch=batch)
+    required = tasks.exclude(status=TaskStatus.AWAITING_RESPONSES).aggregate(
+        need=Sum("required_annotations")
+    )["need"] or 0
+    done = annotations.filter(task__is_gold=False).count()
+    agg = annotations.aggregate(
+        n=Count("id"), too_fast=Count("id", filter=Q(too_fast=True)), avg_ms=Avg("time_on_task_ms")
+    )
+    per_day = [
+        {"date": d.isoformat(), "annotations": n}
+        for d, n in annotations.annotate(day=TruncDate("created_at"))
+        .values("day")
+        .annotate(n=Count("id"))
+        .order_by("day")
+        .values_list("day", "n")
+    ]
+    return {
+        "batch": batch.name,
+        "status": batch.status,
+        "tasks": {status: by_status.get(status, 0) for status in TaskStatus.values},
+        "gold_tasks": ComparisonTask.objects.filter(batch=batch, is_gold=True).count(),
+        "annotations": agg["n"],
+        "progress": done / required if required else 0.0,
+        "throughput_per_day": per_day,
+        "mean_time_on_task_ms": agg["avg_ms"],
+        "too_fast_rate": agg["too_fast"] / agg["n"] if agg["n"] else None,
+        "gold_accuracy": gold_accuracy(annotations),
+        "agreement": batch_agreement(batch),
+        "splits": dict(tasks.exclude(split="").values_list("split").annotate(n=Count("id")).values_list("split", "n")),
+    }
+
+
+def annotator_quality(*, batch: Batch | None = None, since: datetime | None = None) -> list[dict]:
+    """Per annotator: throughput, time on task, gold accuracy and too-fast rate."""
+    qs = Annotation.objects.all()
+    if batch is not None:
+        qs = qs.filter(task__batch=batch)
+    if since is not None:
+        qs = qs.filter(created_at__gte=since)
+    rows = (
+        qs.values("annotator_id", "annotator__username")
+        .annotate(
+            annotations=Count("id"),
+            gold=Count("id", filter=Q(task__is_gold=True)),
+            gold_correct=Count("id", filter=Q(task__is_gold=True, choice=F("task__gold_choice"))),
+            too_fast=Count("id", filter=Q(too_fast=True)),
+            mean_time_on_task_ms=Avg("time_on_task_ms"),
+        )
+        .order_by("annotator__username")
+    )
+    return [
+        {
+            "annotator_id": r["annotator_id"],
+            "username": r["annotator__username"],
+            "annotations": r["annotations"],
+            "gold_answered": r["gold"],
+            "gold_accuracy": r["gold_correct"] / r["gold"] if r["gold"] else None,
+            "too_fast_rate": r["too_fast"] / r["annotations"],
+            "mean_time_on_task_ms": r["mean_time_on_task_ms"],
+        }
+        for r in rows
+    ]
+
+
+def task_context(task: ComparisonTask) -> list[dict]:
+    """The dialogue turns shown with a task, as chat messages."""
+    return [
+        {"role": role, "content": text}
+        for role, text in Turn.objects.filter(dialogue_id=task.dialogue_id, position__lt=task.context_length)
+        .order_by("position")
+        .values_list("role", "text")
+    ]

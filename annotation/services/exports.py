@@ -1,0 +1,194 @@
+"""Streamed preference exports: one JSON line per annotation, or per task by majority vote.
+
+Constant memory: annotations are read in keyset-paginated chunks (by primary key), each with one query
+for its rows and one for the dialogue turns they need, and written out before the next chunk is read.
+"""
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.db.models import Q
+
+from annotation.models import Annotation, Turn
+from annotation.scales import MARGINS, STRENGTH_RANK, Strength
+
+from .errors import InvalidInput
+
+FORMATS = ("native", "trl", "hh-rlhf")
+CHUNK = 2000
+
+_COLUMNS = (
+    "id", "choice", "strength", "safety_label", "note", "time_on_task_ms", "too_fast", "created_at",
+    "annotator_id", "task_id", "task__batch__name", "task__split", "task__domain",
+    "task__dialogue__prompt__risk_category", "task__is_gold", "task__context_length", "task__dialogue_id",
+    "task__annotation_count",
+    "task__response_a_id", "task__response_a__text", "task__response_a__policy_version__name",
+    "task__response_a__sampling",
+    "task__response_b_id", "task__response_b__text", "task__response_b__policy_version__name",
+    "task__response_b__sampling",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExportFilters:
+    batch: str | None = None
+    domain: str | None = None
+    split: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    include_gold: bool = False
+
+
+def _pseudonym(user_id: int, cache: dict[int, str]) -> str:
+    if user_id not in cache:
+        digest = hashlib.sha256(f"{settings.ANNOTATOR_PSEUDONYM_SALT}:{user_id}".encode()).hexdigest()
+        cache[user_id] = f"ann-{digest[:12]}"
+    return cache[user_id]
+
+
+def _queryset(filters: ExportFilters):
+    qs = Annotation.objects.all()
+    if filters.batch:
+        qs = qs.filter(task__batch__name=filters.batch)
+    if filters.domain:
+        qs = qs.filter(task__domain=filters.domain)
+    if filters.split:
+        qs = qs.filter(task__split=filters.split)
+    if filters.created_after:
+        qs = qs.filter(created_at__gte=filters.created_after)
+    if filters.created_before:
+        qs = qs.filter(created_at__lt=filters.created_before)
+    if not filters.include_gold:
+        qs = qs.filter(task__is_gold=False)
+    return qs
+
+
+def _chunks(filters: ExportFilters, *, by_task: bool) -> Iterator[tuple[list[dict], dict[int, list[dict]]]]:
+    """Yield (rows, turns by dialogue id) chunk by chunk, in annotation order or grouped by task."""
+    qs = _queryset(filters)
+    last_task, last_id = 0, 0
+    while True:
+        if by_task:
+            page = qs.filter(Q(task_id__gt=last_task) | Q(task_id=last_task, id__gt=last_id)).order_by("task_id", "id")
+        else:
+            page = qs.filter(id__gt=last_id).order_by("id")
+        rows = [dict(zip(_COLUMNS, r, strict=True)) for r in page.values_list(*_COLUMNS)[:CHUNK]]
+        if not rows:
+            return
+        last_task, last_id = rows[-1]["task_id"], rows[-1]["id"]
+        turns: dict[int, list[dict]] = {}
+        for dialogue_id, role, text in (
+            Turn.objects.filter(dialogue_id__in={r["task__dialogue_id"] for r in rows})
+            .order_by("dialogue_id", "position")
+            .values_list("dialogue_id", "role", "text")
+        ):
+            turns.setdefault(dialogue_id, []).append({"role": role, "content": text})
+        yield rows, turns
+
+
+def _transcript(messages: list[dict], reply: str) -> str:
+    """Anthropic's HH-RLHF transcript layout."""
+    parts = [f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
+    return "".join(parts) + f"\n\nAssistant: {reply}"
+
+
+def _line(row: dict, context: list[dict], fmt: str, margins: dict, *, annotator: str, n_annotations: int) -> str:
+    chosen_side, rejected_side = ("a", "b") if row["choice"] == "a" else ("b", "a")
+    chosen = row[f"task__response_{chosen_side}__text"]
+    rejected = row[f"task__response_{rejected_side}__text"]
+    if fmt == "trl":
+        out = {
+            "prompt": context,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "margin": margins.get(row["strength"], 0.0),
+            "strength": row["strength"] or None,
+            "domain": row["task__domain"],
+        }
+    elif fmt == "hh-rlhf":
+        out = {"chosen": _transcript(context, chosen), "rejected": _transcript(context, rejected)}
+    else:
+        out = {
+            "task_id": row["task_id"],
+            "batch": row["task__batch__name"],
+            "split": row["task__split"] or None,
+            "domain": row["task__domain"],
+            "risk_category": row["task__dialogue__prompt__risk_category"] or None,
+            "dialogue": context,
+            **{
+                f"response_{side}": {
+                    "id": row[f"task__response_{side}_id"],
+                    "text": row[f"task__response_{side}__text"],
+                    "policy_version": row[f"task__response_{side}__policy_version__name"],
+                    "sampling": row[f"task__response_{side}__sampling"],
+                }
+                for side in ("a", "b")
+            },
+            "choice": row["choice"],
+            "chosen": chosen,
+            "rejected": rejected,
+            "strength": row["strength"] or None,
+            "safety_label": row["safety_label"] or None,
+            "annotator": annotator,
+            "annotation_id": row["id"] if n_annotations == 1 and annotator != "majority" else None,
+            "n_annotations": n_annotations,
+            "is_gold": row["task__is_gold"],
+            "created_at": row["created_at"].isoformat(),
+            "time_on_task_ms": row["time_on_task_ms"],
+        }
+    return json.dumps(out, ensure_ascii=False) + "\n"
+
+
+def _majority(votes: list[dict]) -> dict | None:
+    """The majority choice with the median strength of its voters; None when the vote is split evenly."""
+    counts = Counter(v["choice"] for v in votes)
+    (top, n_top), *rest = counts.most_common()
+    if rest and rest[0][1] == n_top:
+        return None
+    winners = sorted(
+        (v for v in votes if v["choice"] == top),
+        key=lambda v: STRENGTH_RANK.get(Strength(v["strength"]), 0) if v["strength"] else 0,
+    )
+    row = dict(winners[(len(winners) - 1) // 2])  # lower median strength among the majority
+    labels = Counter(v["safety_label"] for v in winners if v["safety_label"])
+    row["safety_label"] = labels.most_common(1)[0][0] if labels else ""
+    return row
+
+
+def comparisons_export_lines(
+    *, filters: ExportFilters, fmt: str = "native", margin: str = "small", aggregate: bool = False
+) -> Iterator[str]:
+    """JSON lines of the selected comparisons in `fmt`; with `aggregate`, one line per task by majority."""
+    if fmt not in FORMATS:
+        raise InvalidInput(f"format must be one of {list(FORMATS)}, got {fmt!r}", field="format")
+    if margin not in MARGINS:
+        raise InvalidInput(f"margin must be one of {list(MARGINS)}, got {margin!r}", field="margin")
+    margins = MARGINS[margin]
+    names: dict[int, str] = {}
+    pending: list[dict] = []  # votes of the task that straddles two chunks (aggregate mode)
+    pending_context: list[dict] = []
+
+    def flush() -> Iterator[str]:
+        if pending:
+            winner = _majority(pending)
+            if winner is not None:
+                yield _line(winner, pending_context, fmt, margins, annotator="majority", n_annotations=len(pending))
+
+    for rows, turns in _chunks(filters, by_task=aggregate):
+        for row in rows:
+            context = turns[row["task__dialogue_id"]][: row["task__context_length"]]
+            if not aggregate:
+                yield _line(row, context, fmt, margins, annotator=_pseudonym(row["annotator_id"], names), n_annotations=1)
+                continue
+            if pending and pending[0]["task_id"] != row["task_id"]:
+                yield from flush()
+                pending.clear()
+            pending.append(row)
+            pending_context = context
+    if aggregate:
+        yield from flush()
