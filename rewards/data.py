@@ -534,3 +534,29 @@ def collate_pairs(items: Sequence[TokenizedPair], *, pad_id: int = 0) -> tuple[t
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     margins = torch.tensor([p.margin for p in items], dtype=torch.float32)
     return tokens, lengths, margins
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def pair_to_trl(pair: PreferencePair) -> dict[str, Any]:
+    """One pair as a line of TRL's conversational preference format (with its strength and domain)."""
+    record: dict[str, Any] = {
+        "prompt": [dict(m) for m in pair.dialogue],
+        "chosen": [_message("assistant", pair.chosen)],
+        "rejected": [_message("assistant", pair.rejected)],
+        "strength": pair.strength,
+        "domain": pair.domain,
+    }
+    if pair.margin is not None:
+        record["margin"] = pair.margin
+    return record
+
+
+def write_trl_jsonl(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
+    """Write pairs as TRL conversational JSONL (tests, benchmarks, conversions of PandaLM/OASST)."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair_to_trl(pair), ensure_ascii=False) + "\n")
+    return path

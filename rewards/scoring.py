@@ -1,0 +1,93 @@
+"""Batched scoring for the policy trainers: one reward model, or helpfulness and safety side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from rewards.data import check_dialogue, render_reply
+from rewards.model import RewardModel, load_reward_model
+
+
+class RewardScorer:
+    """A loaded reward model with its tokenizer; `score` takes conversations as text."""
+
+    def __init__(self, model: RewardModel, tokenizer: object, *, kind: str, max_seq_len: int):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.max_seq_len = max_seq_len
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RewardScorer:
+        """Load a reward-model directory written by rewards.train."""
+        from training.llama.tokenizer import Tokenizer
+
+        model, info = load_reward_model(path, device=device, dtype=dtype)
+        return cls(model, Tokenizer(Path(path) / info.tokenizer_file), kind=info.kind, max_seq_len=info.max_seq_len)
+
+    def tokenize(self, dialogues: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of each dialogue (ending with a user turn) answered by its response."""
+        if len(dialogues) != len(responses):
+            raise ValueError(f"{len(dialogues)} dialogues but {len(responses)} responses")
+        return [
+            render_reply(self.tokenizer, check_dialogue(d), r, self.max_seq_len)  # type: ignore[arg-type]
+            for d, r in zip(dialogues, responses, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def score_ids(self, sequences: Sequence[Sequence[int]], *, batch_size: int = 16) -> torch.Tensor:
+        """Scores (n,) float32 on the CPU of token-id sequences, in their order."""
+        device = next(self.model.parameters()).device
+        scores = torch.empty(len(sequences))
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths together
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            seqlen = max(len(sequences[i]) for i in idx)
+            tokens = torch.zeros((len(idx), seqlen), dtype=torch.long)  # (b, seqlen), right-padded
+            for row, i in enumerate(idx):
+                tokens[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
+            lengths = torch.tensor([len(sequences[i]) for i in idx])
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = self.model(tokens.to(device), lengths=lengths.to(device))
+            scores[idx] = out.float().cpu()
+        return scores
+
+    def score(
+        self, dialogues: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str], *, batch_size: int = 16
+    ) -> torch.Tensor:
+        """Scores (n,) of responses to their dialogues; dialogues[i] ends with the user turn responses[i] answers."""
+        return self.score_ids(self.tokenize(dialogues, responses), batch_size=batch_size)
+
+
+class RewardModels:
+    """The helpfulness and the safety reward model loaded side by side, as PPO and rejection sampling use them."""
+
+    def __init__(self, helpfulness: RewardScorer, safety: RewardScorer):
+        for name, scorer in (("helpfulness", helpfulness), ("safety", safety)):
+            if scorer.kind != name:
+                raise ValueError(f"the {name} slot holds a {scorer.kind} reward model")
+        self.helpfulness = helpfulness
+        self.safety = safety
+
+    @classmethod
+    def load(
+        cls,
+        helpfulness: str | Path,
+        safety: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> RewardModels:
+        return cls(RewardScorer.load(helpfulness, device=device, dtype=dtype), RewardScorer.load(safety, device=device, dtype=dtype))
+
+    def score(
+        self, dialogues: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str], *, batch_size: int = 16
+    ) -> dict[str, torch.Tensor]:
+        """{"helpfulness": (n,), "safety": (n,)} scores of the same responses under both models."""
+        return {
+            "helpfulness": self.helpfulness.score(dialogues, responses, batch_size=batch_size),
+            "safety": self.safety.score(dialogues, responses, batch_size=batch_size),
+        }
