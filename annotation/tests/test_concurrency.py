@@ -54,7 +54,8 @@ def test_concurrent_annotators_fill_every_task_exactly_to_its_overlap():
     assert not errors, errors
     assert len(acknowledged) == len(set(acknowledged)) == N_TASKS * OVERLAP
     per_task = Counter(Annotation.objects.values_list("task_id", flat=True))
-    assert len(per_task) == N_TASKS and set(per_task.values()) == {OVERLAP}
+    assert len(per_task) == N_TASKS
+    assert set(per_task.values()) == {OVERLAP}
     pairs = set(Annotation.objects.values_list("task_id", "annotator_id"))
     assert set(Counter(task for task, _ in pairs).values()) == {OVERLAP}  # three different annotators each
     assert set(Annotation.objects.values_list("id", flat=True)) == set(acknowledged)  # none lost, none extra

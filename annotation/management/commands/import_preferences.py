@@ -1,0 +1,45 @@
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from annotation.importers import PARSERS, parse_file
+from annotation.models import Batch
+from annotation.services.errors import AnnotationError
+from annotation.services.imports import comparisons_store
+
+
+class Command(BaseCommand):
+    help = "Import a preference file (HH-RLHF, PandaLM, Open-Assistant trees, native) into a batch; all or nothing."
+
+    def add_arguments(self, parser):
+        parser.add_argument("path", type=Path)
+        parser.add_argument("--format", required=True, choices=sorted(PARSERS))
+        parser.add_argument("--domain", required=True, choices=["helpfulness", "safety"])
+        parser.add_argument("--batch", required=True, help="batch name; created (open) if it does not exist")
+        parser.add_argument("--overlap", type=int, default=1, help="overlap of a newly created batch")
+        parser.add_argument(
+            "--skip-invalid",
+            action="store_true",
+            help="leave out bad records (each is reported) instead of failing",
+        )
+
+    def handle(self, *args, path: Path, format: str, domain: str, batch: str, overlap: int, **options):
+        try:
+            records, skipped = parse_file(format, path, domain=domain, skip_invalid=options["skip_invalid"])
+        except AnnotationError as e:
+            raise CommandError(
+                f"{path}: {e.message} (nothing was imported; --skip-invalid leaves such records out)"
+            ) from None
+        for _where, message in skipped:
+            self.stderr.write(f"skipped {path}: {message}")
+        if not records:
+            raise CommandError(f"{path}: no comparisons found")
+        batch_obj, created = Batch.objects.get_or_create(name=batch, defaults={"overlap": overlap})
+        try:
+            tasks = comparisons_store(batch=batch_obj, records=records, create_external_policies=True)
+        except AnnotationError as e:
+            if created:
+                batch_obj.delete()
+            raise CommandError(f"{path}: {e.message}") from None
+        votes = sum(len(r.votes) for r in records)
+        self.stdout.write(f"imported {len(tasks)} comparisons with {votes} annotations into batch {batch!r}")
