@@ -50,12 +50,12 @@ REPORT_FILE = "eval_report.json"
 # What a named from-scratch config may set; anything else must be given explicitly.
 _RECIPE_FIELDS = (
     "max_seq_len", "global_batch_size", "micro_batch_size", "learning_rate", "epochs",
-    "validation_fraction", "eval_every", "early_stopping_patience",
+    "validation_fraction", "eval_every", "early_stopping_patience", "token_dropout", "weight_decay",
 )
 # The report's recipe for a model initialised from a chat checkpoint (section 3.2.2), scaled down in batch.
 _FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_seq_len=1024, global_batch_size=64, micro_batch_size=4, learning_rate=1e-5, epochs=1,
-    validation_fraction=0.0, eval_every=0, early_stopping_patience=None,
+    validation_fraction=0.0, eval_every=0, early_stopping_patience=None, token_dropout=0.0, weight_decay=0.1,
 )
 
 
@@ -83,7 +83,7 @@ class RewardTrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
     warmup_ratio: float = 0.03
     min_warmup_steps: int = 5
-    weight_decay: float = 0.1
+    weight_decay: float | None = None  # 0.1 in the report
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-5
@@ -99,6 +99,7 @@ class RewardTrainConfig:
     resume: bool = True  # continue from out_dir/train_state.pt when it exists
     seed: int = 0
     bucket_batches: int = 8
+    token_dropout: float | None = None  # drop this share of the training tokens (not BOS, not the last token)
     device: str | None = None
     bf16: bool = True  # autocast to bfloat16 on GPU
     num_threads: int | None = None
@@ -118,7 +119,7 @@ class RewardTrainConfig:
         if not self.data:
             raise ValueError("no data files given")
         recipe = from_scratch_config(self.config).training if self.config else _FINETUNE_DEFAULTS
-        updates = {k: recipe[k] for k in _RECIPE_FIELDS if getattr(self, k) is None and k in recipe}
+        updates = {k: recipe.get(k, _FINETUNE_DEFAULTS[k]) for k in _RECIPE_FIELDS if getattr(self, k) is None}
         out = dataclasses.replace(self, **updates)
         if out.global_batch_size is None or out.micro_batch_size is None or out.global_batch_size < 1 or out.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be positive")
@@ -259,6 +260,21 @@ def _find_tokenizer(init: Path) -> str:
         if candidate.is_file():
             return str(candidate)
     raise ValueError(f"no tokenizer.model in or beside {init}; pass --tokenizer")
+
+
+def drop_tokens(item: TokenizedPair, rate: float, *, seed: str) -> TokenizedPair:
+    """A copy of a training pair with each token but the first and the last dropped with probability rate.
+
+    A regulariser for models trained from scratch on little data. The draw depends only on the seed string
+    (run seed, epoch, pair index), so it is the same on any number of processes and after a resume.
+    """
+    rng = random.Random(seed)
+
+    def keep(ids: tuple[int, ...]) -> tuple[int, ...]:
+        middle = [t for t in ids[1:-1] if rng.random() >= rate]
+        return (ids[0], *middle, ids[-1]) if len(ids) > 1 else ids
+
+    return dataclasses.replace(item, chosen_ids=keep(item.chosen_ids), rejected_ids=keep(item.rejected_ids))
 
 
 # ----------------------------------------------------------------------------------------- optimisation
@@ -424,7 +440,10 @@ def train_reward_model(
         t0 = time.monotonic()
         loss_sum, correct = 0.0, 0.0
         for i, idx in enumerate(micro):
-            tokens, seq_lengths, margins = collate_pairs([data.train[j] for j in idx])
+            batch_items = [data.train[j] for j in idx]
+            if config.token_dropout:
+                batch_items = [drop_tokens(data.train[j], config.token_dropout, seed=f"{config.seed}:{epoch}:{j}") for j in idx]
+            tokens, seq_lengths, margins = collate_pairs(batch_items)
             sync = ctx.world_size == 1 or i == len(micro) - 1
             with (nullcontext() if sync else ddp_model.no_sync()), autocast:  # type: ignore[operator]
                 scores = ddp_model(tokens.to(ctx.device), lengths=seq_lengths.to(ctx.device))  # (2 * b,)
