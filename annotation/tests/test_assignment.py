@@ -120,7 +120,9 @@ def test_database_refuses_a_second_lease_for_one_annotator():
     now = timezone.now()
     Assignment.objects.create(task=t1, annotator=user, leased_at=now, expires_at=now + timedelta(minutes=5))
     with pytest.raises(IntegrityError), transaction.atomic():
-        Assignment.objects.create(task=t2, annotator=user, leased_at=now, expires_at=now + timedelta(minutes=5))
+        Assignment.objects.create(
+            task=t2, annotator=user, leased_at=now, expires_at=now + timedelta(minutes=5)
+        )
 
 
 def test_slots_match_overlap():

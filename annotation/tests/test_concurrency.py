@@ -36,7 +36,11 @@ def test_concurrent_annotators_fill_every_task_exactly_to_its_overlap():
                 if lease is None:
                     return
                 result = annotation_submit(
-                    user=user, task_id=lease.task_id, choice="a", strength="slightly_better", time_on_task_ms=9000
+                    user=user,
+                    task_id=lease.task_id,
+                    choice="a",
+                    strength="slightly_better",
+                    time_on_task_ms=9000,
                 )
                 with lock:
                     acknowledged.append(result.annotation.pk)

@@ -91,6 +91,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)
 LOGIN_URL = "/admin/login/"
 
 # Where checkpoints and run artefacts live (a shared volume in production).
