@@ -51,11 +51,13 @@ REPORT_FILE = "eval_report.json"
 _RECIPE_FIELDS = (
     "max_seq_len", "global_batch_size", "micro_batch_size", "learning_rate", "epochs",
     "validation_fraction", "eval_every", "early_stopping_patience", "token_dropout", "weight_decay",
+    "ema_decay",
 )
 # The report's recipe for a model initialised from a chat checkpoint (section 3.2.2), scaled down in batch.
 _FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_seq_len=1024, global_batch_size=64, micro_batch_size=4, learning_rate=1e-5, epochs=1,
     validation_fraction=0.0, eval_every=0, early_stopping_patience=None, token_dropout=0.0, weight_decay=0.1,
+    ema_decay=0.0,
 )
 
 
@@ -100,6 +102,7 @@ class RewardTrainConfig:
     seed: int = 0
     bucket_batches: int = 8
     token_dropout: float | None = None  # drop this share of the training tokens (not BOS, not the last token)
+    ema_decay: float | None = None  # keep an exponential moving average of the weights; evaluate and save it
     device: str | None = None
     bf16: bool = True  # autocast to bfloat16 on GPU
     num_threads: int | None = None
@@ -380,6 +383,10 @@ def train_reward_model(
         optimizer, lambda s: cosine_schedule(s, total_steps=total_steps, warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio)
     )
 
+    # The moving average of the trained weights (a cheap ensemble of the last few hundred steps).
+    ema: dict[str, torch.Tensor] = (
+        {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if config.ema_decay else {}
+    )
     step, history = 0, []
     best: dict[str, Any] = {"accuracy": None, "loss": None, "step": None, "state": None, "bad_evals": 0}
     elapsed_before = 0.0
@@ -396,6 +403,8 @@ def train_reward_model(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         step, history, best, elapsed_before = state["step"], state["history"], state["best"], state["elapsed_s"]
+        if ema:
+            ema = {n: t.to(ctx.device) for n, t in state["ema"].items()}
 
     ddp_model: torch.nn.Module = model
     if ctx.world_size > 1:
@@ -410,6 +419,7 @@ def train_reward_model(
                     "rng": _rng_state(), "step": step, "epoch": step // steps_per_epoch,
                     "step_in_epoch": step % steps_per_epoch, "total_steps": total_steps, "n_train": len(data.train),
                     "history": history, "best": best, "elapsed_s": elapsed(), "config": dataclasses.asdict(config),
+                    "ema": ema,
                 },
                 state_path,
             )
@@ -417,8 +427,18 @@ def train_reward_model(
     def elapsed() -> float:
         return elapsed_before + time.monotonic() - start_time
 
+    def evaluated_state() -> dict[str, torch.Tensor]:
+        """The weights that are validated and saved: the moving average where there is one."""
+        return {k: ema.get(k, v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
     def validate() -> tuple[float, float]:
+        live = None
+        if ema:
+            live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(evaluated_state())
         chosen, rejected = score_pairs(model, data.validation, batch_size=config.micro_batch_size or 16)
+        if live is not None:
+            model.load_state_dict(live)
         diff = chosen - rejected
         return float((diff > 0).float().mean()), float(pairwise_ranking_loss(chosen, rejected))
 
@@ -457,6 +477,12 @@ def train_reward_model(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
+        if ema:
+            with torch.no_grad():
+                assert config.ema_decay is not None
+                for name, param in model.named_parameters():
+                    if name in ema:
+                        ema[name].lerp_(param.detach(), 1.0 - config.ema_decay)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_time += time.monotonic() - t0
@@ -482,7 +508,7 @@ def train_reward_model(
             record.update(validation_accuracy=val_acc, validation_loss=val_loss)
             if best["accuracy"] is None or (val_acc, -val_loss) > (best["accuracy"], -best["loss"]):
                 best.update(accuracy=val_acc, loss=val_loss, step=step, bad_evals=0,
-                            state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+                            state=evaluated_state())
             else:
                 best["bad_evals"] += 1
                 patience = config.early_stopping_patience
@@ -511,6 +537,8 @@ def train_reward_model(
     if ctx.is_main:
         if best["state"] is not None and stopped != "stop_after_steps":
             model.load_state_dict(best["state"])  # model selection on validation accuracy
+        elif ema and stopped != "stop_after_steps":
+            model.load_state_dict(evaluated_state())
         metadata = {
             "config": dataclasses.asdict(config), "steps": step, "total_steps": total_steps, "stopped": stopped,
             "best_validation_accuracy": best["accuracy"], "best_step": best["step"],

@@ -58,7 +58,8 @@ def test_one_step_changes_every_trained_parameter(train_config, tiny_checkpoint)
 
 
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(train_config, tmp_path):
-    common = dict(max_steps=7, checkpoint_every=2, token_dropout=0.1, margin="large")
+    common = dict(max_steps=7, checkpoint_every=2, token_dropout=0.1, margin="large", ema_decay=0.9,
+                  validation_fraction=0.1, eval_every=2)
     full = train_reward_model(train_config(out_dir=str(tmp_path / "full"), **common))
     first = train_reward_model(train_config(out_dir=str(tmp_path / "cut"), stop_after_steps=3, **common))
     assert first.stopped == "stop_after_steps"
