@@ -17,6 +17,7 @@ class UserFactory(factory.django.DjangoModelFactory):
 class ProfileFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = AnnotatorProfile
+        django_get_or_create = ("user",)
 
     user = factory.SubFactory(UserFactory)
     role = Role.ANNOTATOR

@@ -110,6 +110,8 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "annotation.api.errors.exception_handler",
+    # `?format=` selects the export format (native, trl, hh-rlhf), not a DRF renderer.
+    "URL_FORMAT_OVERRIDE": None,
     "DEFAULT_THROTTLE_RATES": {
         "claim": env.str("THROTTLE_CLAIM", default="120/min"),
         "submit": env.str("THROTTLE_SUBMIT", default="120/min"),

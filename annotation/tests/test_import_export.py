@@ -1,0 +1,188 @@
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+from rest_framework.test import APIClient
+
+from annotation.importers import parse_file
+from annotation.importers.common import ImportFormatError
+from annotation.models import Annotation, Batch, ComparisonTask, Prompt, Role
+from annotation.services.batches import batch_close
+
+from .factories import BatchFactory, annotator, make_tasks
+
+pytestmark = pytest.mark.django_db
+
+
+def test_hh_rlhf_file_parses_with_turns_and_a_hidden_side(shared_data):
+    records, skipped = parse_file(
+        "hh-rlhf", shared_data / "hh-rlhf-harmless/pairs.jsonl.gz", domain="safety", skip_invalid=True
+    )
+    assert len(records) + len(skipped) == 1800
+    assert len(records) > 1750
+    sides = {r.votes[0].choice for r in records}
+    assert sides == {"a", "b"}  # the chosen reply is not always on one side
+    multi = [r for r in records if len(r.turns) > 1]
+    assert multi
+    assert all(r.turns[-1][0] == "user" for r in records)
+    assert all(r.risk_category == "uncategorized" for r in records)
+
+
+def test_hh_rlhf_strict_import_names_line_and_field(shared_data):
+    with pytest.raises(ImportFormatError, match=r"line 65, field 'chosen'"):
+        parse_file("hh-rlhf", shared_data / "hh-rlhf-harmless/pairs.jsonl.gz", domain="safety")
+
+
+def test_pandalm_keeps_three_annotators_and_strength_from_consensus(shared_data):
+    records, skipped = parse_file(
+        "pandalm", shared_data / "pandalm/testset-v1.json", domain="helpfulness", skip_invalid=True
+    )
+    assert all(len(r.votes) == 3 for r in records)
+    strengths = {v.strength for r in records for v in r.votes}
+    assert {"significantly_better", "better", "slightly_better", "negligibly_better"} <= strengths
+    unanimous = [
+        r
+        for r in records
+        if {v.choice for v in r.votes} == {r.votes[0].choice}
+        and r.votes[0].strength == "significantly_better"
+    ]
+    assert unanimous
+
+
+def test_oasst_rank_gaps_become_strengths_and_context_is_the_path(shared_data):
+    records, _ = parse_file("oasst", shared_data / "oasst-trees/en_100_tree.jsonl", domain="helpfulness")
+    assert len(records) == 754
+    assert any(len(r.turns) >= 3 for r in records)  # multi-turn contexts
+    assert {v.strength for r in records for v in r.votes} == {
+        "slightly_better",
+        "better",
+        "significantly_better",
+    }
+
+
+def test_import_command_is_all_or_nothing_and_names_the_line(tmp_path):
+    good = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello there",
+        "rejected": "\n\nHuman: hi\n\nAssistant: go away",
+    }
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"chosen": "\n\nHuman: x"}) + "\n")
+    with pytest.raises(CommandError, match=r"line 2, field 'chosen'"):
+        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1")
+    assert not ComparisonTask.objects.exists()
+    assert not Prompt.objects.exists()
+    assert not Batch.objects.exists()
+    path.write_text(json.dumps(good) + "\n" + "{oops\n")
+    with pytest.raises(CommandError, match=r"line 2, field '\(json\)'"):
+        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1")
+    assert not ComparisonTask.objects.exists()
+
+
+def test_import_then_export_round_trips_through_native(shared_data, tmp_path):
+    call_command(
+        "import_preferences", str(shared_data / "oasst-trees/en_100_tree.jsonl"),
+        format="oasst", domain="helpfulness", batch="oasst",
+    )  # fmt: skip
+    out = tmp_path / "native.jsonl"
+    call_command("export_preferences", format="native", batch="oasst", out=str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 754
+    call_command("import_preferences", str(out), format="native", domain="helpfulness", batch="again")
+    again = tmp_path / "again.jsonl"
+    call_command("export_preferences", format="native", batch="again", out=str(again))
+    rows2 = [json.loads(line) for line in again.read_text().splitlines()]
+    key = ("dialogue", "chosen", "rejected", "strength", "domain")
+    assert sorted(json.dumps([r[k] for k in key]) for r in rows) == sorted(
+        json.dumps([r[k] for k in key]) for r in rows2
+    )
+
+
+@pytest.fixture
+def labelled_batch():
+    """A batch of 4 tasks, overlap 3; task 1's annotators split 2:1, one gold task."""
+    batch = BatchFactory(name="wk", overlap=3, test_size=1, gold_rate=1.0)
+    tasks = make_tasks(batch, 4)
+    make_tasks(batch, 1, gold=True)
+    from annotation.services.assignment import annotation_submit, assignment_claim_next
+
+    users = [annotator(f"u{i}") for i in range(3)]
+    for n, user in enumerate(users):
+        while (lease := assignment_claim_next(user=user)) is not None:
+            choice = "b" if (lease.task_id == tasks[0].id and n == 2) else "a"
+            strength = ["significantly_better", "better", "slightly_better"][n]
+            annotation_submit(
+                user=user, task_id=lease.task_id, choice=choice, strength=strength, time_on_task_ms=8000
+            )
+    return batch, tasks
+
+
+def export(params: str) -> list[dict]:
+    client = APIClient()
+    client.force_authenticate(annotator("exporter", role=Role.RESEARCHER))
+    response = client.get(f"/api/v1/export/comparisons.jsonl?{params}")
+    assert response.status_code == 200, response.content
+    assert response.streaming
+    return [json.loads(line) for line in b"".join(response.streaming_content).decode().splitlines()]
+
+
+def test_export_native_rows_per_annotation_with_pseudonyms(labelled_batch):
+    rows = export("batch=wk")
+    assert len(rows) == 12  # gold excluded by default
+    row = rows[0]
+    assert row["annotator"].startswith("ann-")
+    assert "u0" not in json.dumps(rows)  # pseudonymous
+    assert row["response_a"]["policy_version"] == "SFT"
+    assert row["dialogue"][-1]["role"] == "user"
+    assert row["chosen"] == (row["response_a"] if row["choice"] == "a" else row["response_b"])["text"]
+    assert len(export("batch=wk&include_gold=true")) == 15
+
+
+def test_export_trl_margins_follow_table_27(labelled_batch):
+    small = export("batch=wk&format=trl")
+    large = export("batch=wk&format=trl&margin=large")
+    assert sorted({r["margin"] for r in small}) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert {r["margin"] for r in large} == {3.0, 2.0, 1.0}
+    assert small[0]["chosen"][0]["role"] == "assistant"
+    assert isinstance(small[0]["prompt"], list)
+
+
+def test_export_hh_rlhf_transcripts(labelled_batch):
+    row = export("batch=wk&format=hh-rlhf")[0]
+    assert row["chosen"].startswith("\n\nHuman: ")
+    assert "\n\nAssistant: " in row["rejected"]
+
+
+def test_export_majority_aggregates_per_task(labelled_batch):
+    batch, tasks = labelled_batch
+    rows = export("batch=wk&aggregate=true")
+    assert len(rows) == 4
+    split_task = next(r for r in rows if r["task_id"] == tasks[0].id)
+    assert split_task["choice"] == "a"
+    assert split_task["n_annotations"] == 3
+    # Majority voters gave significantly_better and better: the lower median is "better".
+    assert split_task["strength"] == "better"
+
+
+def test_export_split_filter_after_close(labelled_batch):
+    batch, _ = labelled_batch
+    assert export("batch=wk&split=test") == []
+    batch_close(batch_id=batch.id)
+    assert len({r["task_id"] for r in export("batch=wk&split=test")}) == 1
+    assert len({r["task_id"] for r in export("batch=wk&split=train")}) == 3
+
+
+@pytest.mark.parametrize(
+    "params", ["format=xml", "margin=huge", "split=dev", "created_after=yesterday", "aggregate=maybe"]
+)
+def test_export_bad_parameters_are_400(params, labelled_batch):
+    client = APIClient()
+    client.force_authenticate(annotator("exporter2", role=Role.RESEARCHER))
+    response = client.get(f"/api/v1/export/comparisons.jsonl?{params}")
+    assert response.status_code == 400
+    assert response.json()["detail"]
+
+
+def test_export_date_filters(labelled_batch):
+    assert len(export("batch=wk&created_after=2000-01-01")) == 12
+    assert export("batch=wk&created_before=2000-01-01") == []
+    assert Annotation.objects.count() == 15
