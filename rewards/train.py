@@ -16,6 +16,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,13 +52,13 @@ REPORT_FILE = "eval_report.json"
 _RECIPE_FIELDS = (
     "max_seq_len", "global_batch_size", "micro_batch_size", "learning_rate", "epochs",
     "validation_fraction", "eval_every", "early_stopping_patience", "token_dropout", "weight_decay",
-    "ema_decay",
+    "ema_decay", "min_token_count",
 )
 # The report's recipe for a model initialised from a chat checkpoint (section 3.2.2), scaled down in batch.
 _FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_seq_len=1024, global_batch_size=64, micro_batch_size=4, learning_rate=1e-5, epochs=1,
     validation_fraction=0.0, eval_every=0, early_stopping_patience=None, token_dropout=0.0, weight_decay=0.1,
-    ema_decay=0.0,
+    ema_decay=0.0, min_token_count=0,
 )
 
 
@@ -103,6 +104,7 @@ class RewardTrainConfig:
     bucket_batches: int = 8
     token_dropout: float | None = None  # drop this share of the training tokens (not BOS, not the last token)
     ema_decay: float | None = None  # keep an exponential moving average of the weights; evaluate and save it
+    min_token_count: int | None = None  # tokens seen fewer times in the training pairs share one embedding
     device: str | None = None
     bf16: bool = True  # autocast to bfloat16 on GPU
     num_threads: int | None = None
@@ -225,6 +227,8 @@ class _Data:
     test: list[TokenizedPair]
     tokenizer_path: str
     vocab_size: int
+    rare_ids: list[int] = field(default_factory=list)  # ids read as RARE_TOKEN_ID (min_token_count)
+    rare_target: int = 0
 
 
 def load_pairs(config: RewardTrainConfig) -> tuple[list[PreferencePair], list[PreferencePair], list[PreferencePair]]:
@@ -255,7 +259,47 @@ def _load_data(config: RewardTrainConfig) -> _Data:
         raise ValueError("the data has no training pairs")
     assert config.max_seq_len is not None
     tok = lambda ps: tokenize_pairs(tokenizer, ps, max_seq_len=config.max_seq_len, margin_scheme=config.margin)  # noqa: E731
-    return _Data(tok(train), tok(validation), tok(test), str(tokenizer_path), tokenizer.n_words)
+    data = _Data(tok(train), tok(validation), tok(test), str(tokenizer_path), tokenizer.n_words)
+    if config.min_token_count:
+        data.rare_target = tokenizer.eos_id + 1 if tokenizer.eos_id + 1 < tokenizer.n_words else 0
+        data = share_rare_tokens(data, config.min_token_count, keep={tokenizer.bos_id, tokenizer.eos_id})
+    return data
+
+
+def share_rare_tokens(data: _Data, min_count: int, *, keep: set[int]) -> _Data:
+    """Read every token seen fewer than min_count times in the training pairs as one shared token.
+
+    With a 32,000-piece vocabulary and a few thousand pairs, most pieces are seen once or twice and a model
+    trained from scratch memorises pairs through them. Mapping them to one id during training, and giving their
+    embedding rows that id's row when the model is saved (see `tie_rare_embeddings`), is the same model for any
+    input: the saved checkpoint needs no mapping.
+    """
+    counts = Counter(t for p in data.train for ids in (p.chosen_ids, p.rejected_ids) for t in ids)
+    rare = sorted(t for t in range(data.vocab_size) if counts.get(t, 0) < min_count and t not in keep and t != data.rare_target)
+    table = list(range(data.vocab_size))
+    for t in rare:
+        table[t] = data.rare_target
+
+    def remap(items: list[TokenizedPair]) -> list[TokenizedPair]:
+        return [
+            dataclasses.replace(
+                p, chosen_ids=tuple(table[t] for t in p.chosen_ids), rejected_ids=tuple(table[t] for t in p.rejected_ids)
+            )
+            for p in items
+        ]
+
+    return dataclasses.replace(
+        data, train=remap(data.train), validation=remap(data.validation), test=remap(data.test), rare_ids=rare
+    )
+
+
+@torch.no_grad()
+def tie_rare_embeddings(model: RewardModel, rare_ids: Sequence[int], target: int) -> None:
+    """Give the rare tokens' embedding rows the shared token's row (see share_rare_tokens)."""
+    if rare_ids:
+        weight = model.transformer.tok_embeddings.weight
+        index = torch.tensor(list(rare_ids), device=weight.device)
+        weight[index] = weight[target].expand(len(rare_ids), -1)
 
 
 def _find_tokenizer(init: Path) -> str:
@@ -543,6 +587,7 @@ def train_reward_model(
             "config": dataclasses.asdict(config), "steps": step, "total_steps": total_steps, "stopped": stopped,
             "best_validation_accuracy": best["accuracy"], "best_step": best["step"],
         }
+        tie_rare_embeddings(model, data.rare_ids, data.rare_target)
         save_reward_model(model, out_dir / "model", kind=config.kind, tokenizer_path=data.tokenizer_path,
                           max_seq_len=config.max_seq_len or model.args.max_seq_len, metadata=metadata)
         if data.test:

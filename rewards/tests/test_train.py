@@ -145,3 +145,17 @@ def test_cli_reports_bad_settings(tmp_path, synthetic_file, capsys):
                  "--out", str(tmp_path / "x")])
     assert code == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_rare_tokens_share_an_embedding_in_the_saved_model(train_config, synthetic_file):
+    from rewards.evaluate import evaluate_reward_model_dir
+
+    result = train_reward_model(train_config(min_token_count=50, max_steps=6))
+    # the saved model reads raw token ids; its tied rows make it score exactly as the remapped training view
+    report = evaluate_reward_model_dir(Path(result.out_dir) / "model", [synthetic_file], "trl", split="test",
+                                       test_fraction=0.25)
+    assert report["mean_margin"] == pytest.approx(result.test_report["mean_margin"], abs=1e-5)
+    model, _ = load_reward_model(Path(result.out_dir) / "model")
+    rows = model.transformer.tok_embeddings.weight
+    tied = (rows == rows[3]).all(dim=1)
+    assert 10 < int(tied.sum()) < 512
