@@ -3,6 +3,7 @@ from rest_framework import serializers
 from annotation.models import (
     Annotation,
     Batch,
+    Domain,
     PolicyVersion,
     Prompt,
     RewardModelVersion,
@@ -11,7 +12,7 @@ from annotation.models import (
 )
 from annotation.scales import Choice, SafetyLabel, Strength
 
-DOMAINS = ["helpfulness", "safety"]
+DOMAINS = Domain.choices
 
 
 class MessageSerializer(serializers.Serializer):
@@ -72,7 +73,7 @@ class SubmitOutSerializer(serializers.Serializer):
 class PromptInSerializer(serializers.Serializer):
     text = serializers.CharField(max_length=50_000)
     domain = serializers.ChoiceField(choices=DOMAINS)
-    risk_category = serializers.ChoiceField(choices=["", *RiskCategory.values], required=False, default="")
+    risk_category = serializers.ChoiceField(choices=[("", "None"), *RiskCategory.choices], required=False, default="")
     batch = serializers.CharField(required=False, help_text="batch name; default: the newest open batch")
 
 
@@ -126,7 +127,7 @@ class ImportItemSerializer(serializers.Serializer):
     prompt = serializers.CharField(required=False, max_length=50_000, help_text="a single-turn context")
     dialogue = MessageSerializer(many=True, required=False, help_text="a multi-turn context ending with a user turn")
     domain = serializers.ChoiceField(choices=DOMAINS)
-    risk_category = serializers.ChoiceField(choices=["", *RiskCategory.values], required=False, default="")
+    risk_category = serializers.ChoiceField(choices=[("", "None"), *RiskCategory.choices], required=False, default="")
     responses = ResponseInSerializer(many=True, min_length=2, max_length=2)
     gold_choice = serializers.ChoiceField(choices=["", "a", "b"], required=False, default="")
 

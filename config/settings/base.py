@@ -72,6 +72,8 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'd
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # One writer at a time: take the write lock at BEGIN so concurrent claims queue instead of failing.
     DATABASES["default"].setdefault("OPTIONS", {}).update({"transaction_mode": "IMMEDIATE", "timeout": 20})
+    # A file, not memory, so that a worker process in the end-to-end tests sees the test database.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
@@ -127,7 +129,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {
         "ChoiceEnum": ["a", "b"],
-        "DomainEnum": ["helpfulness", "safety"],
+        "DomainEnum": "annotation.models.tasks.Domain",
         "RiskCategoryEnum": "annotation.models.content.RiskCategory",
         "PolicyKindEnum": "annotation.models.registry.PolicyKind",
         "RunKindEnum": "annotation.models.registry.RunKind",

@@ -1,0 +1,70 @@
+"""End to end through a real Celery worker process on the configured broker (Redis in CI)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from annotation.tasks import export_batch
+from annotation.tests.factories import BatchFactory, make_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def database_url() -> str:
+    s = connection.settings_dict
+    if connection.vendor == "postgresql":
+        return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+    return f"sqlite:///{s['NAME']}"
+
+
+@pytest.fixture
+def worker(tmp_path):
+    env = {**os.environ, "DATABASE_URL": database_url(), "ARTIFACTS_DIR": str(tmp_path / "artifacts")}
+    log = (tmp_path / "worker.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "default", "--pool", "solo",
+         "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    yield tmp_path / "artifacts"
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_export_task_runs_in_a_real_worker(worker):
+    if os.environ.get("CI"):
+        assert settings.CELERY_BROKER_URL.startswith("redis://"), "CI runs the worker on Redis"
+    batch = BatchFactory(name="celery-e2e")
+    from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord, comparisons_store
+
+    records = [
+        ComparisonRecord(
+            turns=(("user", f"q{i}"),),
+            response_a=ResponseRecord(f"a{i}", "SFT"),
+            response_b=ResponseRecord(f"b{i}", "SFT"),
+            domain="helpfulness",
+            votes=(VoteRecord("ext:1", "a", "better"), VoteRecord("ext:2", "b", "slightly_better")),
+        )
+        for i in range(5)
+    ]
+    make_tasks(batch, 0)  # registers the SFT policy
+    comparisons_store(batch=batch, records=records)
+    started = time.monotonic()
+    result = export_batch.delay(batch.id, "trl")
+    path = Path(result.get(timeout=90))
+    assert path.parent == worker / "exports"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 10
+    assert {r["margin"] for r in rows} == {2 / 3, 1 / 3}
+    assert time.monotonic() - started < 90
