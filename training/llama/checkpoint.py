@@ -323,7 +323,6 @@ def load_checkpoint(
         raise ValueError(f"Checkpoint {path} mixes dtypes {sorted(map(str, dtypes))}; pass dtype= to cast")
 
     model.load_state_dict(state, strict=True, assign=True)
-    model.reset_rope_buffers(device=device)
     return model, args
 
 

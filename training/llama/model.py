@@ -3,8 +3,8 @@
 Differences from Meta's file, all behaviour-preserving:
 - no fairscale model parallelism: plain `nn.Linear` / `nn.Embedding`, device and dtype passed in;
 - no `inference_mode` on `forward` (it must train); the KV cache is an explicit `KVCache` argument;
-- rotary embeddings in real arithmetic (cos/sin of the same angles, rotating the same interleaved pairs),
-  which is faster than complex multiplication and works in every dtype;
+- the rotary table is computed in float32/complex64 on first use on each device rather than kept as a
+  buffer, so `model.to(torch.bfloat16)` cannot round it;
 - attention through `F.scaled_dot_product_attention` with grouped-query attention done by the kernel
   (`enable_gqa`) rather than by copying the key/value heads (`repeat_kv`, kept as the definition);
 - an optional per-token `attention_mask` for padded batches.
@@ -110,7 +110,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x ** 2) + eps), Meta's formula, as one fused kernel
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self._norm(x.float()).type_as(x)
@@ -118,33 +119,27 @@ class RMSNorm(nn.Module):
 
 
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, *,
-                         device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles `t * theta ** (-2i / dim)`, each (end, dim // 2), in float32.
-
-    Meta returns the same angles as complex numbers `exp(i * angle)`; the real and imaginary parts are kept
-    apart here so that the rotation needs no complex arithmetic.
-    """
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """exp(i * t * theta ** (-2j / dim)) for positions t < end: complex64 (end, dim // 2), as in Meta's code."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: (dim // 2)].float() / dim))
     t = torch.arange(end, device=device, dtype=torch.float32)
-    angles = torch.outer(t, freqs)  # (end, dim // 2)
-    return torch.cos(angles), torch.sin(angles)
+    freqs = torch.outer(t, freqs)  # (end, dim // 2)
+    return torch.polar(torch.ones_like(freqs), freqs)
 
 
-def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) of the last dim by its angle; cos/sin broadcast to x[..., ::2]."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))  # (..., head_dim // 2, 2)
-    x_even, x_odd = x_pairs.unbind(-1)
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor,
+                     freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate consecutive pairs of q and k (bsz, n_heads, seqlen, head_dim) by freqs_cis (seqlen, head_dim // 2).
 
-
-def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embeddings on queries and keys laid out (bsz, n_heads, seqlen, head_dim); cos/sin (seqlen, head_dim // 2).
-
-    The same rotation as Meta's `xq_ * freqs_cis` on consecutive pairs viewed as complex numbers.
+    Meta's formulation: each pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1], multiplied by
+    exp(i * pos * theta_i), in float32. One complex product is also much faster, forward and backward, than
+    the same rotation written with real cos/sin and a stack of the even/odd halves.
     """
-    return _rotate_pairs(xq, cos, sin), _rotate_pairs(xk, cos, sin)
+    xq_ = torch.view_as_complex(xq.float().unflatten(-1, (-1, 2)))  # (bsz, n_heads, seqlen, head_dim // 2)
+    xk_ = torch.view_as_complex(xk.float().unflatten(-1, (-1, 2)))
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(-2)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(-2)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -217,8 +212,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        freqs_cis: torch.Tensor,
         mask: torch.Tensor | None,
         *,
         layer_id: int = 0,
@@ -230,7 +224,7 @@ class Attention(nn.Module):
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        xq, xk = apply_rotary_emb(xq, xk, cos, sin)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
 
         if kv_cache is not None:
             # (bsz, n_kv_heads, start_pos + seqlen, head_dim)
@@ -275,14 +269,13 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        freqs_cis: torch.Tensor,
         mask: torch.Tensor | None,
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         h = x + self.attention(
-            self.attention_norm(x), cos, sin, mask, layer_id=self.layer_id, start_pos=start_pos, kv_cache=kv_cache
+            self.attention_norm(x), freqs_cis, mask, layer_id=self.layer_id, start_pos=start_pos, kv_cache=kv_cache
         )
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -305,17 +298,21 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps, device=device, dtype=dtype)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False, device=device, dtype=dtype)
 
-        self.reset_rope_buffers(device=device)
+        # complex64 (max_seq_len, head_dim // 2) per device, computed on first use. Not a buffer: `.to(bf16)`
+        # would round the angles (by whole radians at long positions) and drop a complex table's imaginary
+        # part; nor a checkpoint entry (Meta's optional `rope.freqs` is ignored on load).
+        self._freqs_cis: dict[torch.device, torch.Tensor] = {}
         self.init_weights()
 
-    def reset_rope_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the rotary cos/sin tables on `device`, e.g. after building the model on "meta"."""
-        # float32 whatever the model dtype: bf16 angles would be wrong by whole radians at long positions.
-        # Non-persistent, so checkpoints hold weights only (Meta's optional `rope.freqs` is ignored on load).
-        cos, sin = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
-                                        device=device)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim // 2)
-        self.register_buffer("rope_sin", sin, persistent=False)
+    def freqs_cis(self, device: torch.device) -> torch.Tensor:
+        """The rotary table for every position, complex64 (max_seq_len, head_dim // 2), on `device`."""
+        if device not in self._freqs_cis:
+            # A normal tensor even when first needed under `generate`'s inference_mode, so training can use it.
+            with torch.inference_mode(False):
+                self._freqs_cis[device] = precompute_freqs_cis(
+                    self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=device
+                )
+        return self._freqs_cis[device]
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -349,7 +346,7 @@ class Transformer(nn.Module):
 
         None means: causal from position 0 (`is_causal`), or one query that sees all cached keys.
         """
-        device = self.rope_cos.device
+        device = self.tok_embeddings.weight.device
         kv_len = start_pos + seqlen
         if attention_mask is not None:
             if attention_mask.shape != (bsz, seqlen):
@@ -406,14 +403,13 @@ class Transformer(nn.Module):
             raise ValueError(f"kv_cache was made for batch size {kv_cache.bsz}, got {bsz}")
 
         mask = self._attention_mask(bsz, seqlen, start_pos, kv_cache, attention_mask)
-        cos = self.rope_cos[start_pos:end]  # (seqlen, head_dim // 2)
-        sin = self.rope_sin[start_pos:end]
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        freqs_cis = self.freqs_cis(h.device)[start_pos:end]  # (seqlen, head_dim // 2)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, mask, start_pos, kv_cache, use_reentrant=False)
+                h = checkpoint(layer, h, freqs_cis, mask, start_pos, kv_cache, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, start_pos, kv_cache)
+                h = layer(h, freqs_cis, mask, start_pos, kv_cache)
         return self.norm(h)
 
     def forward(

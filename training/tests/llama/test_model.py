@@ -140,23 +140,29 @@ def test_positions_beyond_max_seq_len_raise():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_rotary_matches_metas_complex_formulation():
-    """Real-valued rotation == Meta's `torch.view_as_complex(x) * freqs_cis` on interleaved pairs."""
+def test_rotary_rotates_interleaved_pairs():
+    """Pair (x[2i], x[2i+1]) at position t turns by t * theta ** (-2i / head_dim), written out in reals."""
     head_dim, seqlen = 16, 11
-    cos, sin = precompute_freqs_cis(head_dim, seqlen, theta=10000.0)
-    freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    freqs_cis = torch.polar(torch.ones(seqlen, head_dim // 2), torch.outer(torch.arange(seqlen).float(), freqs))
-    xq = torch.randn(2, seqlen, 4, head_dim)  # Meta's layout (bsz, seqlen, n_heads, head_dim)
-    xk = torch.randn(2, seqlen, 2, head_dim)
+    freqs_cis = precompute_freqs_cis(head_dim, seqlen, theta=10000.0)
+    angles = torch.arange(seqlen).float()[:, None] * 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    torch.testing.assert_close(freqs_cis.angle()[1:4], angles[1:4])
+    cos, sin = angles.cos(), angles.sin()
+    xq = torch.randn(2, 4, seqlen, head_dim)  # (bsz, n_heads, seqlen, head_dim)
+    xk = torch.randn(2, 2, seqlen, head_dim)
 
-    def meta_rotate(x):
-        x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(x_ * freqs_cis[None, :, None, :]).flatten(3)
+    def rotate(x):
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = even * cos - odd * sin
+        out[..., 1::2] = even * sin + odd * cos
+        return out
 
-    # ours takes (bsz, n_heads, seqlen, head_dim)
-    q_ours, k_ours = apply_rotary_emb(xq.transpose(1, 2), xk.transpose(1, 2), cos, sin)
-    torch.testing.assert_close(q_ours.transpose(1, 2), meta_rotate(xq))
-    torch.testing.assert_close(k_ours.transpose(1, 2), meta_rotate(xk))
+    q_ours, k_ours = apply_rotary_emb(xq, xk, freqs_cis)
+    torch.testing.assert_close(q_ours, rotate(xq))
+    torch.testing.assert_close(k_ours, rotate(xk))
+    # the layout the model passes in: a transposed view of the projection output
+    q_view = xq.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(apply_rotary_emb(q_view, xk, freqs_cis)[0], rotate(xq))
 
 
 def test_repeat_kv_is_repeat_interleave_and_gqa_attention_uses_it():
@@ -166,17 +172,17 @@ def test_repeat_kv_is_repeat_interleave_and_gqa_attention_uses_it():
     args = ModelArgs.preset("tiny")
     attention = Attention(args)
     h = torch.randn(2, 6, args.dim)
-    cos, sin = precompute_freqs_cis(args.head_dim, 6)
+    freqs_cis = precompute_freqs_cis(args.head_dim, 6)
     xq = attention.wq(h).view(2, 6, args.n_heads, args.head_dim).transpose(1, 2)
     xk = attention.wk(h).view(2, 6, args.kv_heads, args.head_dim).transpose(1, 2)
     xv = attention.wv(h).view(2, 6, args.kv_heads, args.head_dim)
-    xq, xk = apply_rotary_emb(xq, xk, cos, sin)
+    xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
     n_rep = args.n_heads // args.kv_heads
     keys = repeat_kv(xk.transpose(1, 2), n_rep).transpose(1, 2)
     values = repeat_kv(xv, n_rep).transpose(1, 2)
     expected = F.scaled_dot_product_attention(xq, keys, values, is_causal=True)
     expected = attention.wo(expected.transpose(1, 2).reshape(2, 6, -1))
-    torch.testing.assert_close(attention(h, cos, sin, None), expected)
+    torch.testing.assert_close(attention(h, freqs_cis, None), expected)
 
 
 @pytest.mark.parametrize(
@@ -237,13 +243,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[key], plain[key])
 
 
-def test_bfloat16_model_keeps_float32_rotary_tables():
-    model = Transformer(ModelArgs.preset("tiny"), dtype=torch.bfloat16)
+def test_bfloat16_model_keeps_an_exact_rotary_table():
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        reference = model(tokens)
+        model.to(torch.bfloat16)
+        logits = model(tokens)
     assert model.output.weight.dtype == torch.bfloat16
-    assert model.rope_cos.dtype == torch.float32
-    logits = model(torch.randint(0, 256, (2, 8)))
+    assert model.freqs_cis(tokens.device).dtype == torch.complex64
     assert logits.dtype == torch.bfloat16
-    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.float(), reference, atol=0.15, rtol=0.05)
+    assert Transformer(ModelArgs.preset("tiny"), dtype=torch.bfloat16).norm.weight.dtype == torch.bfloat16
 
 
 def test_fsdp_wrap_policy_wraps_each_transformer_block():
