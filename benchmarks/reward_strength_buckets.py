@@ -9,6 +9,7 @@ length rule and a bag-of-words linear model are broken down the same way, to sho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -39,7 +40,12 @@ def main() -> None:
     from rewards.train import RewardTrainConfig, train_reward_model
 
     pairs = read_pandalm(DATA / "pandalm" / "testset-v1.json") + read_oasst_trees(DATA / "oasst-trees" / "en_100_tree.jsonl")
-    split = assign_splits(pairs, 0.2)
+    # A fixed 80/20 split within each (source, strength) group, so that every bucket is in the test set; the
+    # source is kept as the pair's batch, so the report also breaks accuracy down by source.
+    split = []
+    for key in sorted({(p.source, p.strength) for p in pairs}, key=str):
+        group = [dataclasses.replace(p, batch=p.source) for p in pairs if (p.source, p.strength) == key]
+        split += assign_splits(group, 0.2)
     train = [p for p in split if p.split == "train"]
     test = [p for p in split if p.split == "test"]
 
@@ -68,6 +74,7 @@ def main() -> None:
         "benchmark": "reward_strength_buckets", "command": " ".join(sys.argv),
         "n_train": result.n_train_pairs, "n_test": len(test), "steps": result.steps, "stopped": result.stopped,
         "by_strength": {name: r["by_strength"] for name, r in reports.items()},
+        "by_source": {name: r["by_batch"] for name, r in reports.items()},
         "markdown": format_markdown(reports),
     }, indent=2))
 

@@ -62,6 +62,8 @@ class PreferencePair:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dialogue", check_dialogue(self.dialogue))
+        if not isinstance(self.chosen, str) or not isinstance(self.rejected, str):
+            raise ValueError("chosen and rejected must be strings")
         if self.strength is not None and self.strength not in STRENGTHS:
             raise ValueError(f"unknown strength {self.strength!r}; expected one of {STRENGTHS}")
         if self.domain is not None and self.domain not in DOMAINS:
@@ -161,6 +163,8 @@ def read_trl(path: str | Path) -> list[PreferencePair]:
                     rejected=_trl_reply(_require(obj, "rejected", where), where, "rejected"),
                     strength=obj.get("strength"),
                     domain=obj.get("domain"),
+                    batch=None if obj.get("batch") is None else str(obj["batch"]),
+                    split=obj.get("split"),
                     margin=None if margin is None else float(margin),
                     source="trl",
                 )
@@ -256,7 +260,9 @@ def read_pandalm(path: str | Path) -> list[PreferencePair]:
             continue
         winner, strength = verdict
         prompt = item["instruction"] if not item.get("input") else f"{item['instruction']}\n\n{item['input']}"
-        good, bad = (item["response1"], item["response2"]) if winner == 1 else (item["response2"], item["response1"])
+        # A few responses in the file are JSON literals (true, numbers): they are read as the text they show.
+        first, second = str(item["response1"]), str(item["response2"])
+        good, bad = (first, second) if winner == 1 else (second, first)
         pairs.append(
             PreferencePair(
                 dialogue=[_message("user", prompt)],
@@ -540,7 +546,8 @@ def collate_pairs(items: Sequence[TokenizedPair], *, pad_id: int = 0) -> tuple[t
 
 
 def pair_to_trl(pair: PreferencePair) -> dict[str, Any]:
-    """One pair as a line of TRL's conversational preference format (with its strength and domain)."""
+    """One pair as a line of TRL's conversational preference format, with its strength and domain (and its batch
+    and split where it has them: extra keys that TRL ignores and read_trl reads)."""
     record: dict[str, Any] = {
         "prompt": [dict(m) for m in pair.dialogue],
         "chosen": [_message("assistant", pair.chosen)],
@@ -550,6 +557,9 @@ def pair_to_trl(pair: PreferencePair) -> dict[str, Any]:
     }
     if pair.margin is not None:
         record["margin"] = pair.margin
+    for key in ("batch", "split"):
+        if getattr(pair, key) is not None:
+            record[key] = getattr(pair, key)
     return record
 
 
