@@ -152,7 +152,7 @@ class TaskSlot(models.Model):
         indexes = [
             # The claim's scan: open slots in batch order, then task order.
             models.Index(
-                fields=["domain", "batch", "task", "index"],
+                fields=["batch", "domain", "task", "index"],
                 condition=~Q(state="filled"),
                 name="slot_claim_idx",
             ),

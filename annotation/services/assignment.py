@@ -19,6 +19,7 @@ from annotation.models import (
     AnnotatorProfile,
     Assignment,
     AssignmentStatus,
+    Batch,
     BatchStatus,
     ComparisonTask,
     Domain,
@@ -35,9 +36,12 @@ gold_rng = random.Random()
 
 
 def _profile_for_update(user) -> AnnotatorProfile:
-    profile, _ = AnnotatorProfile.objects.get_or_create(user=user)
     # Serialise this annotator's own claims and submits; other annotators are not blocked.
-    return AnnotatorProfile.objects.select_for_update().get(pk=profile.pk)
+    profile = AnnotatorProfile.objects.select_for_update().filter(user=user).first()
+    if profile is None:
+        AnnotatorProfile.objects.get_or_create(user=user)
+        profile = AnnotatorProfile.objects.select_for_update().get(user=user)
+    return profile
 
 
 def _expire(assignment: Assignment, now: datetime) -> None:
@@ -51,16 +55,25 @@ def _expire(assignment: Assignment, now: datetime) -> None:
 
 
 def _next_slot(user, domains: list[str], now: datetime) -> TaskSlot | None:
-    """Lock the first claimable slot: oldest batch first, then oldest task; skip rows others hold."""
-    return (
-        TaskSlot.objects.select_for_update(skip_locked=True, of=("self",))
-        .filter(domain__in=domains, batch__status=BatchStatus.OPEN)
-        .filter(Q(state=SlotState.FREE) | Q(state=SlotState.LEASED, lease_expires_at__lt=now))
-        .exclude(task__assignments__annotator=user)
-        .order_by("batch_id", "task_id", "index")
-        .select_related("batch", "assignment")
-        .first()
-    )
+    """Lock the first claimable slot: oldest batch first, then oldest task; skip rows others hold.
+
+    One index range scan per (batch, domain) on the partial index of unfilled slots, in task order, so a
+    claim costs the same with 2,000 or 200,000 tasks in the pool.
+    """
+    for batch in Batch.objects.filter(status=BatchStatus.OPEN).order_by("id"):
+        for domain in domains:
+            slot = (
+                TaskSlot.objects.select_for_update(skip_locked=True)
+                .filter(batch_id=batch.id, domain=domain)
+                .filter(Q(state=SlotState.FREE) | Q(state=SlotState.LEASED, lease_expires_at__lt=now))
+                .exclude(task__assignments__annotator=user)
+                .order_by("task_id", "index")
+                .first()
+            )
+            if slot is not None:
+                slot.batch = batch
+                return slot
+    return None
 
 
 def _next_gold_task(user, domains: list[str], batch_id: int) -> ComparisonTask | None:
@@ -79,11 +92,11 @@ def assignment_claim_next(*, user, now: datetime | None = None) -> Assignment | 
     """Lease the next task for this annotator, or return the lease they already hold; None if no work."""
     now = now or timezone.now()
     profile = _profile_for_update(user)
-    held = Assignment.objects.filter(annotator=user, status=AssignmentStatus.LEASED).first()
+    held = Assignment.objects.filter(annotator=user, status=AssignmentStatus.LEASED).select_related("task__batch").first()
     if held is not None:
-        if held.expires_at > now:
+        if held.expires_at > now and held.task.batch.status == BatchStatus.OPEN:
             return held
-        _expire(held, now)
+        _expire(held, now)  # ran out, or its batch was closed meanwhile
 
     domains = profile.domains
     if not domains:
@@ -104,7 +117,7 @@ def assignment_claim_next(*, user, now: datetime | None = None) -> Assignment | 
 
     if slot.state == SlotState.LEASED:
         # Taking over a slot whose lease ran out: the old holder can no longer submit it.
-        previous = slot.assignment
+        previous = Assignment.objects.get(pk=slot.assignment_id)
         previous.status = AssignmentStatus.EXPIRED
         previous.finished_at = now
         previous.save(update_fields=["status", "finished_at"])
