@@ -52,13 +52,13 @@ REPORT_FILE = "eval_report.json"
 _RECIPE_FIELDS = (
     "max_seq_len", "global_batch_size", "micro_batch_size", "learning_rate", "epochs",
     "validation_fraction", "eval_every", "early_stopping_patience", "token_dropout", "weight_decay",
-    "ema_decay", "min_token_count",
+    "ema_decay", "min_token_count", "lm_pretrain_epochs",
 )
 # The report's recipe for a model initialised from a chat checkpoint (section 3.2.2), scaled down in batch.
 _FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_seq_len=1024, global_batch_size=64, micro_batch_size=4, learning_rate=1e-5, epochs=1,
     validation_fraction=0.0, eval_every=0, early_stopping_patience=None, token_dropout=0.0, weight_decay=0.1,
-    ema_decay=0.0, min_token_count=0,
+    ema_decay=0.0, min_token_count=0, lm_pretrain_epochs=0,
 )
 
 
@@ -105,6 +105,7 @@ class RewardTrainConfig:
     token_dropout: float | None = None  # drop this share of the training tokens (not BOS, not the last token)
     ema_decay: float | None = None  # keep an exponential moving average of the weights; evaluate and save it
     min_token_count: int | None = None  # tokens seen fewer times in the training pairs share one embedding
+    lm_pretrain_epochs: int | None = None  # next-token epochs on the training conversations before ranking
     device: str | None = None
     bf16: bool = True  # autocast to bfloat16 on GPU
     num_threads: int | None = None
@@ -164,6 +165,7 @@ class RewardTrainResult:
     n_test_pairs: int
     test_report: dict[str, Any] | None
     history: list[dict[str, Any]]
+    lm_pretrain_losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -340,6 +342,45 @@ def warmup_steps_for(total_steps: int, warmup_ratio: float, min_warmup_steps: in
     return max(1, min(total_steps, max(min_warmup_steps, math.ceil(warmup_ratio * total_steps))))
 
 
+def pretrain_language_model(
+    model: RewardModel, items: Sequence[TokenizedPair], *, epochs: int, learning_rate: float, batch_size: int,
+    seed: int, device: torch.device,
+) -> list[float]:
+    """Next-token training on the training conversations themselves, before the ranking loss.
+
+    A from-scratch model has no language knowledge; a few epochs of language modelling on the text it is about to
+    rank (no other data) give its embeddings some structure. Deterministic for a seed, so every process of a
+    distributed run gets the same weights without communicating. Returns the mean loss of each epoch.
+    """
+    sequences = sorted({ids for p in items for ids in (p.chosen_ids, p.rejected_ids)})
+    output = model.transformer.output
+    output.requires_grad_(True)
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    losses = []
+    for epoch in range(epochs):
+        batches = length_bucketed_batches([len(s) for s in sequences], batch_size, seed=seed, epoch=-1 - epoch, drop_last=False)
+        total, count = 0.0, 0
+        for batch in batches:
+            seqs = [sequences[i] for i in batch]
+            seqlen = max(map(len, seqs))
+            tokens = torch.zeros((len(seqs), seqlen), dtype=torch.long)
+            targets = torch.full((len(seqs), seqlen), -100, dtype=torch.long)  # -100: no loss (padding, last token)
+            for row, ids in enumerate(seqs):
+                tokens[row, : len(ids)] = torch.tensor(ids)
+                targets[row, : len(ids) - 1] = torch.tensor(ids[1:])
+            logits = model.transformer(tokens.to(device))  # (bsz, seqlen, vocab)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total, count = total + float(loss.detach()) * len(seqs), count + len(seqs)
+        losses.append(total / max(1, count))
+    output.requires_grad_(False)
+    return losses
+
+
 def build_optimizer(model: RewardModel, config: RewardTrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings, none on norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -422,6 +463,13 @@ def train_reward_model(
         model = RewardModel.from_args(from_scratch_config(config.config).model_args(data.vocab_size), device=ctx.device)
     if config.max_seq_len is not None and config.max_seq_len > model.args.max_seq_len:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context {model.args.max_seq_len}")
+    resuming = config.resume and (out_dir / TRAIN_STATE_FILE).is_file()
+    lm_losses: list[float] = []
+    if config.lm_pretrain_epochs and not resuming:  # a resumed run loads weights that already had it
+        lm_losses = pretrain_language_model(
+            model, data.train, epochs=config.lm_pretrain_epochs, learning_rate=config.learning_rate or 1e-3,
+            batch_size=config.micro_batch_size, seed=config.seed, device=ctx.device,
+        )
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_schedule(s, total_steps=total_steps, warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio)
@@ -600,6 +648,7 @@ def train_reward_model(
         pairs_per_s=pairs_seen / max(train_time, 1e-9), final_loss=last_loss,
         best_validation_accuracy=best["accuracy"], best_step=best["step"], n_train_pairs=len(data.train),
         n_validation_pairs=len(data.validation), n_test_pairs=len(data.test), test_report=test_report, history=history,
+        lm_pretrain_losses=lm_losses,
     )
 
 

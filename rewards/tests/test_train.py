@@ -159,3 +159,12 @@ def test_rare_tokens_share_an_embedding_in_the_saved_model(train_config, synthet
     rows = model.transformer.tok_embeddings.weight
     tied = (rows == rows[3]).all(dim=1)
     assert 10 < int(tied.sum()) < 512
+
+
+def test_language_model_pretraining_lowers_its_loss_and_refreezes_the_head(train_config):
+    result = train_reward_model(train_config(lm_pretrain_epochs=3, max_steps=2, max_seq_len=32))
+    first, *_, last = result.lm_pretrain_losses
+    assert len(result.lm_pretrain_losses) == 3
+    assert last < first
+    model, _ = load_reward_model(Path(result.out_dir) / "model")
+    assert not model.transformer.output.weight.requires_grad
