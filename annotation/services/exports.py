@@ -2,6 +2,7 @@
 
 Constant memory: annotations are read in keyset-paginated chunks (by primary key), each with one query
 for its rows and one for the dialogue turns they need, and written out before the next chunk is read.
+Items yielded are strings of one or more whole lines.
 """
 
 import hashlib
@@ -9,9 +10,10 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Q
 
 from annotation.models import Annotation, Turn
@@ -138,7 +140,7 @@ def _line(row: dict, context: list[dict], fmt: str, margins: dict, *, annotator:
             "annotation_id": row["id"] if n_annotations == 1 and annotator != "majority" else None,
             "n_annotations": n_annotations,
             "is_gold": row["task__is_gold"],
-            "created_at": row["created_at"].isoformat(),
+            "created_at": row["created_at"].astimezone(UTC).isoformat(timespec="microseconds"),
             "time_on_task_ms": row["time_on_task_ms"],
         }
     return json.dumps(out, ensure_ascii=False) + "\n"
@@ -161,14 +163,28 @@ def _majority(votes: list[dict]) -> dict | None:
 
 
 def comparisons_export_lines(
-    *, filters: ExportFilters, fmt: str = "native", margin: str = "small", aggregate: bool = False
+    *,
+    filters: ExportFilters,
+    fmt: str = "native",
+    margin: str = "small",
+    aggregate: bool = False,
+    python_renderer: bool = False,
 ) -> Iterator[str]:
-    """JSON lines of the selected comparisons in `fmt`; with `aggregate`, one line per task by majority."""
+    """JSON lines of the selected comparisons in `fmt`; with `aggregate`, one line per task by majority.
+
+    On PostgreSQL, per-annotation rows are rendered by the database (`exports_sql`), several lines to a
+    string; `python_renderer` forces the portable renderer (the two are tested equal).
+    """
     if fmt not in FORMATS:
         raise InvalidInput(f"format must be one of {list(FORMATS)}, got {fmt!r}", field="format")
     if margin not in MARGINS:
         raise InvalidInput(f"margin must be one of {list(MARGINS)}, got {margin!r}", field="margin")
     margins = MARGINS[margin]
+    if connection.vendor == "postgresql" and not aggregate and not python_renderer:
+        from .exports_sql import export_lines_postgresql
+
+        yield from export_lines_postgresql(filters=filters, fmt=fmt, margins=margins)
+        return
     names: dict[int, str] = {}
     pending: list[dict] = []  # votes of the task that straddles two chunks (aggregate mode)
     pending_context: list[dict] = []

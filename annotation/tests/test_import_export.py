@@ -186,3 +186,22 @@ def test_export_date_filters(labelled_batch):
     assert len(export("batch=wk&created_after=2000-01-01")) == 12
     assert export("batch=wk&created_before=2000-01-01") == []
     assert Annotation.objects.count() == 15
+
+
+@pytest.mark.parametrize("fmt", ["native", "trl", "hh-rlhf"])
+@pytest.mark.parametrize("margin", ["small", "large"])
+def test_postgresql_renderer_equals_the_python_renderer(labelled_batch, fmt, margin):
+    from django.db import connection
+
+    from annotation.services.exports import ExportFilters, comparisons_export_lines
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the SQL renderer is PostgreSQL's (CI runs on PostgreSQL)")
+    for filters in (ExportFilters(), ExportFilters(batch="wk", include_gold=True), ExportFilters(domain="safety")):
+        def rows(python: bool, filters=filters):
+            text = "".join(comparisons_export_lines(filters=filters, fmt=fmt, margin=margin, python_renderer=python))
+            return [json.loads(line) for line in text.splitlines()]
+
+        in_sql, in_python = rows(False), rows(True)
+        assert in_sql == in_python
+    assert len(in_python) == 0  # the last filter (safety) matches nothing here

@@ -30,7 +30,7 @@ class Command(BaseCommand):
         try:
             if o["out"] == "-":
                 try:
-                    n = sum(sys.stdout.write(line) > 0 for line in lines)
+                    n = sum(sys.stdout.write(chunk) and chunk.count("\n") for chunk in lines)
                 except BrokenPipeError:  # the reader stopped early (| head): not an error
                     sys.stderr.close()
                     return
@@ -38,7 +38,7 @@ class Command(BaseCommand):
                 out = Path(o["out"])
                 tmp = out.with_name(out.name + ".partial")
                 with tmp.open("w", encoding="utf-8") as f:
-                    n = sum(f.write(line) > 0 for line in lines)
+                    n = sum(f.write(chunk) and chunk.count("\n") for chunk in lines)
                 tmp.replace(out)  # a crash never leaves half an export under the real name
         except AnnotationError as e:
             raise CommandError(e.message) from None
