@@ -7,7 +7,7 @@ import torch
 
 from training.llama.checkpoint import load_checkpoint, save_meta_checkpoint
 from training.llama.generate import main as generate_main
-from training.llama.generation import generate, sample_next_token
+from training.llama.generation import generate, sample_next_token, sample_top_p, sample_top_p_sorted
 from training.llama.model import ModelArgs, Transformer
 from training.llama.tokenizer import Tokenizer
 
@@ -103,6 +103,30 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert set(tokens.tolist()) == {0, 1}
     tokens, _ = sample_next_token(logits, temperature=1.0, top_p=1.0, top_k=None, generator=generator)
     assert set(tokens.tolist()) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("p", [0.3, 0.75, 0.9])
+def test_rejection_top_p_samples_metas_nucleus_distribution(p):
+    """The sort-free sampler and Meta's sort-based one draw from the same renormalised nucleus."""
+    probs = torch.tensor([0.05, 0.3, 0.02, 0.25, 0.15, 0.13, 0.1])
+    n = 40_000
+    batch = probs.repeat(n, 1)
+    ours = sample_top_p(batch, p, torch.Generator().manual_seed(0)).squeeze(-1)
+    metas = sample_top_p_sorted(batch.clone(), p, torch.Generator().manual_seed(1)).squeeze(-1)
+    # the nucleus written out: sorted 0.3, 0.25, 0.15, 0.13, 0.1, 0.05, 0.02 with exclusive cumsums
+    # 0, 0.3, 0.55, 0.7, 0.83, 0.93, 0.98; a token stays when its exclusive cumsum is <= p
+    nucleus = {0.3: [1, 3], 0.75: [1, 3, 4, 5], 0.9: [1, 3, 4, 5, 6]}[p]
+    expected = torch.zeros(7)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    for draws in (ours, metas):
+        freq = torch.bincount(draws, minlength=7).float() / n
+        torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+
+
+def test_top_p_falls_back_to_the_sort_when_rejection_keeps_failing():
+    probs = torch.softmax(torch.randn(4, 1000) * 0.1, dim=-1)  # flat: the top token alone is a tiny nucleus
+    tokens = sample_top_p(probs, 1e-9, torch.Generator().manual_seed(0), max_rounds=1)
+    assert tokens.squeeze(-1).tolist() == probs.argmax(-1).tolist()
 
 
 def test_each_sequence_stops_at_eos(tiny):
