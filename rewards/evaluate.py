@@ -146,13 +146,14 @@ def evaluate_reward_model_dir(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved reward model on preference files (the whole files, or one split of them)."""
-    from rewards.model import load_reward_model
+    from rewards.model import load_reward_model, resolve_reward_model_dir
     from training.llama.tokenizer import Tokenizer
 
     if split not in ("all", "train", "test"):
         raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    model_dir = resolve_reward_model_dir(model_dir)
     model, info = load_reward_model(model_dir, device=device)
-    tokenizer = Tokenizer(str(Path(model_dir) / info.tokenizer_file))
+    tokenizer = Tokenizer(str(model_dir / info.tokenizer_file))
     pairs = [p for path in data for p in read_pairs(path, fmt, domain=domain)]
     if split != "all":
         pairs = [p for p in assign_splits(pairs, test_fraction) if p.split == split]
@@ -166,7 +167,7 @@ def evaluate_reward_model_dir(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rewards.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="reward model directory written by rewards.train")
+    parser.add_argument("--model", required=True, help="reward model directory (or the --out of rewards.train)")
     parser.add_argument("--data", required=True, nargs="+", help="preference file(s) (.jsonl or .jsonl.gz)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--split", default="all", choices=("all", "train", "test"),

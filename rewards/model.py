@@ -147,9 +147,18 @@ def save_reward_model(
     return out_dir
 
 
+def resolve_reward_model_dir(path: str | Path) -> Path:
+    """A reward-model directory, or a training output directory holding one in model/."""
+    path = Path(path)
+    if not (path / REWARD_MODEL_FILE).is_file() and (path / "model" / REWARD_MODEL_FILE).is_file():
+        return path / "model"
+    return path
+
+
 def read_reward_model_info(path: str | Path) -> RewardModelInfo:
     """The reward_model.json of a saved reward model."""
-    file = Path(path) / REWARD_MODEL_FILE
+    path = resolve_reward_model_dir(path)
+    file = path / REWARD_MODEL_FILE
     if not file.is_file():
         raise ValueError(f"{path} is not a reward model directory: {REWARD_MODEL_FILE} is missing")
     raw = json.loads(file.read_text())
@@ -168,7 +177,7 @@ def load_reward_model(
     """Load a directory written by save_reward_model."""
     from training.llama.checkpoint import load_checkpoint
 
-    path = Path(path)
+    path = resolve_reward_model_dir(path)
     info = read_reward_model_info(path)
     transformer, _ = load_checkpoint(path / LLAMA_DIR, device=device, dtype=dtype)
     model = RewardModel(transformer)

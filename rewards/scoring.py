@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rewards.data import check_dialogue, render_reply
-from rewards.model import RewardModel, load_reward_model
+from rewards.model import RewardModel, load_reward_model, resolve_reward_model_dir
 
 
 class RewardScorer:
@@ -25,8 +25,9 @@ class RewardScorer:
         """Load a reward-model directory written by rewards.train."""
         from training.llama.tokenizer import Tokenizer
 
+        path = resolve_reward_model_dir(path)
         model, info = load_reward_model(path, device=device, dtype=dtype)
-        return cls(model, Tokenizer(Path(path) / info.tokenizer_file), kind=info.kind, max_seq_len=info.max_seq_len)
+        return cls(model, Tokenizer(path / info.tokenizer_file), kind=info.kind, max_seq_len=info.max_seq_len)
 
     def tokenize(self, dialogues: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of each dialogue (ending with a user turn) answered by its response."""

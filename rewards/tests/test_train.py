@@ -131,7 +131,7 @@ def test_cli_trains_and_evaluate_prints_a_json_report(tmp_path, tiny_checkpoint,
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["steps"], summary["stopped"]) == (2, "completed")
-    assert evaluate_main(["--model", str(tmp_path / "cli" / "model"), "--data", str(synthetic_file), "--format", "trl",
+    assert evaluate_main(["--model", str(tmp_path / "cli"), "--data", str(synthetic_file), "--format", "trl",
                           "--split", "test", "--test-fraction", "0.25"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0.0 <= report["accuracy"] <= 1.0
