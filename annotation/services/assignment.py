@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -188,7 +188,7 @@ class SubmitResult:
     continuation: ComparisonTask | None = None
 
 
-def _validate_labels(task: ComparisonTask, choice, strength, safety_label) -> tuple[str, str, str]:
+def _validate_labels(domain: str, choice, strength, safety_label) -> tuple[str, str, str]:
     if choice not in {c.value for c in Choice}:
         raise InvalidInput(f"choice must be one of {[c.value for c in Choice]}, got {choice!r}", field="choice")
     if strength not in {s.value for s in Strength}:
@@ -201,7 +201,7 @@ def _validate_labels(task: ComparisonTask, choice, strength, safety_label) -> tu
             f"safety_label must be one of {[s.value for s in SafetyLabel]}, got {safety_label!r}",
             field="safety_label",
         )
-    if task.domain == Domain.SAFETY and not safety_label:
+    if domain == Domain.SAFETY and not safety_label:
         raise InvalidInput("safety tasks need a safety_label", field="safety_label")
     return choice, strength, safety_label
 
@@ -221,44 +221,46 @@ def annotation_submit(
 ) -> SubmitResult:
     """Record a judgement for a task this annotator holds; a repeated submit returns the first one."""
     now = now or timezone.now()
-    assignment = (
-        Assignment.objects.select_for_update(of=("self",))
-        .select_related("task__batch")
-        .filter(task_id=task_id, annotator=user)
-        .first()
+    held = _fetchone(
+        f"SELECT a.id, a.status, a.leased_at, t.is_gold, t.domain, b.status, b.name, b.too_fast_seconds"
+        f" FROM {_T['Assignment']} a JOIN {_T['ComparisonTask']} t ON t.id = a.task_id"
+        f" JOIN {_T['Batch']} b ON b.id = t.batch_id"
+        " WHERE a.task_id = %s AND a.annotator_id = %s" + _for_update(of="a"),
+        [task_id, user.pk],
     )
-    if assignment is None:
+    if held is None:
         raise NotFound(f"task {task_id} is not assigned to you; claim it with POST /api/v1/tasks/next/")
-    if assignment.status == AssignmentStatus.SUBMITTED:
-        return SubmitResult(annotation=assignment.annotation, created=False)
-    if assignment.status in (AssignmentStatus.SKIPPED, AssignmentStatus.RELEASED):
-        raise Conflict(f"task {task_id} was {assignment.status} and can no longer be submitted")
-    if assignment.status == AssignmentStatus.EXPIRED:
+    assignment_id, status, leased_at, is_gold, domain, batch_status, batch_name, too_fast_seconds = held
+    if status == AssignmentStatus.SUBMITTED:
+        return SubmitResult(annotation=Annotation.objects.get(assignment_id=assignment_id), created=False)
+    if status in (AssignmentStatus.SKIPPED, AssignmentStatus.RELEASED):
+        raise Conflict(f"task {task_id} was {status} and can no longer be submitted")
+    if status == AssignmentStatus.EXPIRED:
         raise LeaseExpired(f"your lease on task {task_id} expired and the task went back to the pool")
 
     # Lock order everywhere: slot, then task. The task lock is NO KEY UPDATE so that concurrent claims,
     # whose inserts take FOR KEY SHARE on the task through the foreign key, are not blocked by it.
-    slot = None
-    if not assignment.task.is_gold:
-        slot = TaskSlot.objects.select_for_update().filter(assignment=assignment).first()
-        if slot is None or slot.state != SlotState.LEASED:
-            raise LeaseExpired(f"your lease on task {task_id} expired and the task went back to the pool")
-    task = ComparisonTask.objects.select_for_update(of=("self",), no_key=True).select_related("batch").get(pk=task_id)
     # A lease past its expiry is still honoured while nobody has taken the slot over.
-    if task.batch.status != BatchStatus.OPEN:
-        raise BatchClosed(f"batch {task.batch.name!r} is closed; this task can no longer be annotated")
-    choice, strength, safety_label = _validate_labels(task, choice, strength, safety_label)
+    slot = None
+    if not is_gold:
+        slot = _fetchone(f"SELECT id, state FROM {_T['TaskSlot']} WHERE assignment_id = %s" + _for_update(), [assignment_id])
+        if slot is None or slot[1] != SlotState.LEASED:
+            raise LeaseExpired(f"your lease on task {task_id} expired and the task went back to the pool")
+    _fetchone(f"SELECT id FROM {_T['ComparisonTask']} WHERE id = %s" + _for_update(no_key=True), [task_id])
+    if batch_status != BatchStatus.OPEN:
+        raise BatchClosed(f"batch {batch_name!r} is closed; this task can no longer be annotated")
+    choice, strength, safety_label = _validate_labels(domain, choice, strength, safety_label)
     if time_on_task_ms is not None and (not isinstance(time_on_task_ms, int) or time_on_task_ms < 0):
         raise InvalidInput("time_on_task_ms must be a non-negative integer", field="time_on_task_ms")
-    served_ms = int((now - assignment.leased_at).total_seconds() * 1000)
+    served_ms = int((now - _aware(leased_at)).total_seconds() * 1000)
     elapsed_ms = time_on_task_ms if time_on_task_ms is not None else served_ms
     # Flag on the shorter of what the client reports and what the server saw.
-    too_fast = min(elapsed_ms, served_ms) < task.batch.too_fast_seconds * 1000
+    too_fast = min(elapsed_ms, served_ms) < too_fast_seconds * 1000
 
     annotation = Annotation.objects.create(
-        task=task,
+        task_id=task_id,
         annotator=user,
-        assignment=assignment,
+        assignment_id=assignment_id,
         choice=choice,
         strength=strength,
         safety_label=safety_label,
@@ -266,16 +268,17 @@ def annotation_submit(
         time_on_task_ms=elapsed_ms,
         too_fast=too_fast,
     )
-    assignment.status = AssignmentStatus.SUBMITTED
-    assignment.finished_at = now
-    assignment.save(update_fields=["status", "finished_at"])
+    Assignment.objects.filter(pk=assignment_id).update(status=AssignmentStatus.SUBMITTED, finished_at=now)
     if slot is not None:
-        slot.state = SlotState.FILLED
-        slot.lease_expires_at = None
-        slot.save(update_fields=["state", "lease_expires_at"])
-    ComparisonTask.objects.filter(pk=task.pk).update(annotation_count=F("annotation_count") + 1)
-    if not task.is_gold and task.annotation_count + 1 >= task.required_annotations:
-        ComparisonTask.objects.filter(pk=task.pk).update(status=TaskStatus.COMPLETE)
+        TaskSlot.objects.filter(pk=slot[0]).update(state=SlotState.FILLED, lease_expires_at=None)
+    # One statement: count the annotation, and complete the task when its overlap is reached.
+    ComparisonTask.objects.filter(pk=task_id).update(
+        annotation_count=F("annotation_count") + 1,
+        status=Case(
+            When(Q(is_gold=False, annotation_count__gte=F("required_annotations") - 1), then=Value(TaskStatus.COMPLETE)),
+            default=F("status"),
+        ),
+    )
 
     continuation = None
     if continue_with.strip():
