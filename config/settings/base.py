@@ -140,12 +140,13 @@ SPECTACULAR_SETTINGS = {
 _celery_fs = VAR_DIR / "celery" / "broker"
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (_celery_fs / sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_celery_fs / "queue"),
         "data_folder_out": str(_celery_fs / "queue"),
         "processed_folder": str(_celery_fs / "processed"),
+        "control_folder": str(_celery_fs / "control"),
         "store_processed": False,
     }
 CELERY_RESULT_BACKEND = env.str(
