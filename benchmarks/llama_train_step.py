@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,9 +38,25 @@ def packed_batch(batch: int, seq_len: int, vocab_size: int, seed: int):
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def proc_status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def start_peak_window(model) -> int:
+    """Page in every weight (loaders may mmap them), reset the peak-RSS mark; return the resident bytes now."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    return proc_status_bytes("VmRSS")
 
 
 def child(opts: argparse.Namespace) -> None:
@@ -83,14 +97,14 @@ def child(opts: argparse.Namespace) -> None:
         model.zero_grad(set_to_none=True)
         return loss.item()
 
-    rss_loaded = rss_bytes()
+    rss_loaded = start_peak_window(model)
     losses = [step() for _ in range(opts.warmup)]
     times = []
     for _ in range(opts.steps):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_status_bytes("VmHWM")
     print(json.dumps({
         "step_s": statistics.median(times),
         "tokens_per_s": opts.batch * opts.seq_len / statistics.median(times),
