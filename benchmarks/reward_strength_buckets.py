@@ -3,7 +3,7 @@ and Open-Assistant (rank gaps), mapped onto the four-level scale by rewards.data
 rewards.data.oasst_strength. A reward model trained on the 80% split is evaluated on the fixed 20%; the
 length rule and a bag-of-words linear model are broken down the same way, to show the shape is the data's.
 
-    .venv/bin/python benchmarks/reward_strength_buckets.py --max-minutes 5 --threads 2
+    .venv/bin/python benchmarks/reward_strength_buckets.py --config small --max-minutes 8 --threads 2
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", type=Path, default=None, help="a Llama checkpoint to start from (default: --config)")
-    parser.add_argument("--config", default="tiny", choices=("tiny", "small"))
+    parser.add_argument("--config", default="small", choices=("tiny", "small"))
     parser.add_argument("--tokenizer", type=Path, default=DATA / "llama2-tokenizer" / "tokenizer.model")
     parser.add_argument("--max-minutes", type=float, default=5.0)
     parser.add_argument("--margin", default="small", choices=("none", "small", "large"))
