@@ -29,7 +29,7 @@ def worker(tmp_path):
     env = {**os.environ, "DATABASE_URL": database_url(), "ARTIFACTS_DIR": str(tmp_path / "artifacts")}
     log = (tmp_path / "worker.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "default", "--pool", "solo",
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "default,gpu", "--pool", "solo",
          "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -68,3 +68,41 @@ def test_export_task_runs_in_a_real_worker(worker):
     assert len(rows) == 10
     assert {r["margin"] for r in rows} == {2 / 3, 1 / 3}
     assert time.monotonic() - started < 90
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reward_model_run_trains_in_a_real_worker_on_the_gpu_queue(worker, shared_data):
+    """The Celery path of a training run: queued row -> worker -> registered version (CPU here)."""
+    from annotation.models import RewardModelVersion, TrainingRun
+    from annotation.services.batches import batch_close
+    from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord, comparisons_store
+    from rewards.runs import reward_run_create
+    from rewards.tasks import train_reward_model_task
+
+    assert train_reward_model_task.name == "rewards.train_reward_model"
+    batch = BatchFactory(name="celery-rm", test_size=4)
+    make_tasks(batch, 0)
+    comparisons_store(
+        batch=batch,
+        records=[
+            ComparisonRecord(
+                turns=(("user", f"story {i}"),),
+                response_a=ResponseRecord(f"a long and kind story number {i}", "SFT"),
+                response_b=ResponseRecord("no", "SFT"),
+                domain="helpfulness",
+                votes=(VoteRecord("ext:1", "a", "better"),),
+            )
+            for i in range(48)
+        ],
+    )
+    batch_close(batch_id=batch.id)
+    run = reward_run_create(
+        kind="helpfulness", batches=["celery-rm"], name="RM-celery",
+        params={"config": "tiny", "tokenizer": str(shared_data / "stories260k/tokenizer.model"), "max_steps": 2},
+    )  # fmt: skip
+    train_reward_model_task.delay(run.id).get(timeout=240)
+    run.refresh_from_db()
+    assert run.status == "succeeded", run.error
+    version = RewardModelVersion.objects.get(name="RM-celery")
+    assert version.checkpoint_uri.startswith(str(worker))
+    assert TrainingRun.objects.get(pk=run.id).reward_model_version == version

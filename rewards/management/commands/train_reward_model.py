@@ -1,0 +1,53 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from rewards.runs import reward_run_create
+
+
+class Command(BaseCommand):
+    help = "Train a helpfulness or safety reward model on platform batches and register the version."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--kind", required=True, choices=["helpfulness", "safety"])
+        parser.add_argument("--batch", action="append", required=True, help="batch name (repeat for several)")
+        parser.add_argument("--name", required=True, help="name of the new RewardModelVersion")
+        init = parser.add_mutually_exclusive_group(required=True)
+        init.add_argument("--init", help="a chat/policy checkpoint directory (Meta or Hugging Face format)")
+        init.add_argument("--config", choices=["tiny", "small"], help="a from-scratch config")
+        parser.add_argument("--tokenizer", help="tokenizer.model (required with --config)")
+        parser.add_argument("--max-minutes", type=float)
+        parser.add_argument("--max-steps", type=int)
+        parser.add_argument("--margin", choices=["none", "small", "large"], default="none")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--queue", action="store_true", help="hand the run to a GPU worker instead of running here")
+
+    def handle(self, *args, **o):
+        if o["config"] and not o["tokenizer"]:
+            raise CommandError("--config needs --tokenizer")
+        params = {
+            k: v
+            for k, v in {
+                "init": o["init"], "config": o["config"], "tokenizer": o["tokenizer"], "max_minutes": o["max_minutes"],
+                "max_steps": o["max_steps"], "margin": o["margin"], "seed": o["seed"],
+            }.items()
+            if v is not None
+        }  # fmt: skip
+        try:
+            run = reward_run_create(kind=o["kind"], batches=o["batch"], name=o["name"], params=params)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        if o["queue"]:
+            from django.db import transaction
+
+            from rewards.tasks import train_reward_model_task
+
+            transaction.on_commit(lambda: train_reward_model_task.delay(run.id))
+            self.stdout.write(f"queued training run {run.id}")
+            return
+        from rewards.runs import reward_run_execute
+
+        try:
+            version = reward_run_execute(run.id)
+        except Exception as e:
+            raise CommandError(f"run {run.id} failed: {e}") from None
+        accuracy = version.metrics.get("accuracy")
+        self.stdout.write(f"registered reward model {version.name!r} (run {run.id}), test accuracy {accuracy}")
