@@ -17,7 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rewards.data import FORMATS, TokenizedPair, assign_splits, collate_pairs, read_pairs, tokenize_pairs
+from rewards.data import (
+    FORMATS,
+    PreferencePair,
+    TokenizedPair,
+    assign_splits,
+    collate_pairs,
+    read_pairs,
+    tokenize_pairs,
+)
 from rewards.losses import STRENGTHS
 from rewards.model import RewardModel
 
@@ -134,6 +142,24 @@ def format_markdown(reports: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def evaluate_reward_model(
+    model_dir: str | Path, pairs: Sequence[PreferencePair], *, batch_size: int = 16, device: str | None = None
+) -> dict[str, Any]:
+    """The report of a saved reward model on preference pairs (e.g. a batch's held-out split from the database)."""
+    from rewards.model import load_reward_model, resolve_reward_model_dir
+    from training.llama.tokenizer import Tokenizer
+
+    if not pairs:
+        raise ValueError("no pairs to evaluate")
+    model_dir = resolve_reward_model_dir(model_dir)
+    model, info = load_reward_model(model_dir, device=device)
+    tokenizer = Tokenizer(str(model_dir / info.tokenizer_file))
+    items = tokenize_pairs(tokenizer, pairs, max_seq_len=info.max_seq_len)
+    report = evaluate_items(model, items, batch_size=batch_size)
+    report.update({"model": str(model_dir), "kind": info.kind})
+    return report
+
+
 def evaluate_reward_model_dir(
     model_dir: str | Path,
     data: Sequence[str | Path],
@@ -146,22 +172,13 @@ def evaluate_reward_model_dir(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved reward model on preference files (the whole files, or one split of them)."""
-    from rewards.model import load_reward_model, resolve_reward_model_dir
-    from training.llama.tokenizer import Tokenizer
-
     if split not in ("all", "train", "test"):
         raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
-    model_dir = resolve_reward_model_dir(model_dir)
-    model, info = load_reward_model(model_dir, device=device)
-    tokenizer = Tokenizer(str(model_dir / info.tokenizer_file))
     pairs = [p for path in data for p in read_pairs(path, fmt, domain=domain)]
     if split != "all":
         pairs = [p for p in assign_splits(pairs, test_fraction) if p.split == split]
-    if not pairs:
-        raise ValueError("no pairs to evaluate")
-    items = tokenize_pairs(tokenizer, pairs, max_seq_len=info.max_seq_len)
-    report = evaluate_items(model, items, batch_size=batch_size)
-    report.update({"model": str(model_dir), "kind": info.kind, "data": [str(p) for p in data], "format": fmt, "split": split})
+    report = evaluate_reward_model(model_dir, pairs, batch_size=batch_size, device=device)
+    report.update({"data": [str(p) for p in data], "format": fmt, "split": split})
     return report
 
 

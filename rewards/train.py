@@ -110,7 +110,7 @@ class RewardTrainConfig:
     bf16: bool = True  # autocast to bfloat16 on GPU
     num_threads: int | None = None
 
-    def resolved(self) -> RewardTrainConfig:
+    def resolved(self, *, has_pairs: bool = False) -> RewardTrainConfig:
         """A copy with the recipe's defaults filled in and the settings checked."""
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
@@ -122,7 +122,7 @@ class RewardTrainConfig:
             raise ValueError("a from-scratch config needs a tokenizer path")
         if self.margin not in MARGIN_SCHEMES:
             raise ValueError(f"margin must be one of {sorted(MARGIN_SCHEMES)}, got {self.margin!r}")
-        if not self.data:
+        if not self.data and not has_pairs:
             raise ValueError("no data files given")
         recipe = from_scratch_config(self.config).training if self.config else _FINETUNE_DEFAULTS
         updates = {k: recipe.get(k, _FINETUNE_DEFAULTS[k]) for k in _RECIPE_FIELDS if getattr(self, k) is None}
@@ -233,9 +233,13 @@ class _Data:
     rare_target: int = 0
 
 
-def load_pairs(config: RewardTrainConfig) -> tuple[list[PreferencePair], list[PreferencePair], list[PreferencePair]]:
-    """(train, validation, test) pairs of a run: the files, their fixed split, the kind's mix, the validation cut."""
-    pairs = [p for path in config.data for p in read_pairs(path, config.format, domain=config.data_domain)]
+def load_pairs(
+    config: RewardTrainConfig, pairs: Sequence[PreferencePair] | None = None
+) -> tuple[list[PreferencePair], list[PreferencePair], list[PreferencePair]]:
+    """(train, validation, test) pairs of a run: the files (or the given pairs), their fixed split, the kind's
+    mix, the validation cut."""
+    if pairs is None:
+        pairs = [p for path in config.data for p in read_pairs(path, config.format, domain=config.data_domain)]
     pairs = assign_splits(pairs, config.test_fraction)
     train = [p for p in pairs if p.split == "train"]
     test = [p for p in pairs if p.split == "test"]
@@ -248,7 +252,7 @@ def load_pairs(config: RewardTrainConfig) -> tuple[list[PreferencePair], list[Pr
     return train, validation, test
 
 
-def _load_data(config: RewardTrainConfig) -> _Data:
+def _load_data(config: RewardTrainConfig, pairs: Sequence[PreferencePair] | None) -> _Data:
     from training.llama.tokenizer import Tokenizer
 
     tokenizer_path = config.tokenizer
@@ -256,7 +260,7 @@ def _load_data(config: RewardTrainConfig) -> _Data:
         assert config.init is not None  # resolved() guarantees init or tokenizer
         tokenizer_path = _find_tokenizer(Path(config.init))
     tokenizer = Tokenizer(tokenizer_path)
-    train, validation, test = load_pairs(config)
+    train, validation, test = load_pairs(config, pairs)
     if not train:
         raise ValueError("the data has no training pairs")
     assert config.max_seq_len is not None
@@ -426,10 +430,17 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def train_reward_model(
-    config: RewardTrainConfig, *, progress: Callable[[TrainProgress], None] | None = None
+    config: RewardTrainConfig,
+    *,
+    pairs: Sequence[PreferencePair] | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
 ) -> RewardTrainResult:
-    """Train a reward model as configured; resumable, and the same function under torchrun."""
-    config = config.resolved()
+    """Train a reward model as configured; resumable, and the same function under torchrun.
+
+    `pairs` (e.g. from the platform's database selector) replace config.data; pairs with a split keep it, the
+    others get the fixed test_fraction split. `progress` is called on rank 0 after every optimizer step.
+    """
+    config = config.resolved(has_pairs=pairs is not None)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     ctx = _setup_distributed(config.device)
@@ -441,7 +452,7 @@ def train_reward_model(
     out_dir = Path(config.out_dir)
     start_time = time.monotonic()
 
-    data = _load_data(config)
+    data = _load_data(config, pairs)
     lengths = [p.length for p in data.train]
     steps_per_epoch = len(data.train) // config.global_batch_size
     if steps_per_epoch == 0:

@@ -168,3 +168,21 @@ def test_language_model_pretraining_lowers_its_loss_and_refreezes_the_head(train
     assert last < first
     model, _ = load_reward_model(Path(result.out_dir) / "model")
     assert not model.transformer.output.weight.requires_grad
+
+
+def test_trains_on_plain_records_and_reports_by_batch(train_config):
+    """The platform's path: pairs from the database selector, their batch's own held-out split."""
+    import dataclasses
+
+    from rewards.evaluate import evaluate_reward_model
+    from rewards.synthetic import synthetic_pairs
+
+    pairs = [dataclasses.replace(p, batch=f"batch-{i % 2}", split="test" if i % 5 == 0 else "train")
+             for i, p in enumerate(synthetic_pairs(80, seed=3))]
+    result = train_reward_model(train_config(data=[], max_steps=3), pairs=pairs)
+    assert result.n_train_pairs == 64
+    assert result.n_test_pairs == 16
+    report = evaluate_reward_model(Path(result.out_dir), [p for p in pairs if p.split == "test"])
+    assert set(report["by_batch"]) == {"batch-0", "batch-1"}
+    assert report["by_batch"]["batch-0"]["n"] == 8
+    assert report["accuracy"] == pytest.approx(result.test_report["accuracy"])
