@@ -1,4 +1,8 @@
-"""Preference pairs: plain records, file readers, splits, mixing recipes, chat rendering and batching."""
+"""Preference pairs: plain records, file readers, splits, mixing recipes, chat rendering and batching.
+
+Importing this module does not import torch (only collate_pairs needs it), so that the platform's selector can
+build PreferencePair records in a process that never loads torch.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from rewards.losses import STRENGTHS
-
+# The annotators' four preference strengths, strongest first (the column order of Table 8).
+STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 ROLES = ("user", "assistant")
 DOMAINS = ("helpfulness", "safety")
 SAFETY_LABELS = ("chosen_safe_other_unsafe", "both_safe", "both_unsafe")
@@ -51,7 +56,7 @@ class PreferencePair:
     dialogue: tuple[dict[str, str], ...]  # the context, alternating user/assistant, ending with a user turn
     chosen: str
     rejected: str
-    strength: str | None = None  # one of losses.STRENGTHS
+    strength: str | None = None  # one of STRENGTHS
     domain: str | None = None  # "helpfulness" | "safety"
     batch: str | None = None
     split: str | None = None  # "train" | "test"
@@ -532,6 +537,8 @@ def collate_pairs(items: Sequence[TokenizedPair], *, pad_id: int = 0) -> tuple[t
     Returns tokens (2 * bsz, seqlen) with the chosen conversations first, their lengths (2 * bsz,), and the
     margins (bsz,). The pad id is only a filler: scores are read at lengths - 1, never at a pad token.
     """
+    import torch
+
     seqs = [p.chosen_ids for p in items] + [p.rejected_ids for p in items]
     seqlen = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), seqlen), pad_id, dtype=torch.long)

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-# The annotators' four preference strengths, strongest first (the column order of Table 8).
-STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+from rewards.data import STRENGTHS
 
 # Table 27 of the Llama 2 report: the margin m(r) for each strength under each scheme.
 MARGIN_SCHEMES: dict[str, dict[str, float]] = {

@@ -232,3 +232,13 @@ def test_collate_puts_chosen_and_rejected_in_one_padded_batch():
     assert tokens[0].tolist() == [1, 5, 6, 0]
     assert tokens[3].tolist() == [1, 9, 9, 9]
     assert margins.tolist() == [1.0, 0.0]
+
+
+def test_the_plain_records_do_not_import_torch():
+    """The platform's selector builds PreferencePair in processes that must not load torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, rewards.data; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
