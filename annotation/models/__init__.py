@@ -3,6 +3,7 @@
 from .content import Dialogue, Prompt, Response, RiskCategory, Turn, TurnRole
 from .people import AnnotatorProfile, Role
 from .registry import PolicyVersion, RewardModelVersion, RunStatus, TrainingRun
+from .review import Adjudication, Guideline
 from .tasks import (
     Annotation,
     Assignment,
@@ -17,6 +18,7 @@ from .tasks import (
 )
 
 __all__ = [
+    "Adjudication",
     "Annotation",
     "AnnotatorProfile",
     "Assignment",
@@ -26,6 +28,7 @@ __all__ = [
     "ComparisonTask",
     "Dialogue",
     "Domain",
+    "Guideline",
     "PolicyVersion",
     "Prompt",
     "Response",

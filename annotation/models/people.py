@@ -4,6 +4,12 @@ from django.conf import settings
 from django.db import models
 
 
+def annotator_pseudonym(user_id: int) -> str:
+    """A stable id for exports that does not reveal who the annotator is (salted hash of the user id)."""
+    digest = hashlib.sha256(f"{settings.ANNOTATOR_PSEUDONYM_SALT}:{user_id}".encode()).hexdigest()
+    return f"ann-{digest[:12]}"
+
+
 class Role(models.TextChoices):
     ANNOTATOR = "annotator"
     REVIEWER = "reviewer"
@@ -33,9 +39,7 @@ class AnnotatorProfile(models.Model):
 
     @property
     def pseudonym(self) -> str:
-        """A stable id for exports that does not reveal who the annotator is."""
-        digest = hashlib.sha256(f"{settings.ANNOTATOR_PSEUDONYM_SALT}:{self.user_id}".encode()).hexdigest()
-        return f"ann-{digest[:12]}"
+        return annotator_pseudonym(self.user_id)
 
     def has_role(self, *roles: str) -> bool:
         return self.role in roles

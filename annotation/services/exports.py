@@ -5,18 +5,17 @@ for its rows and one for the dialogue turns they need, and written out before th
 Items yielded are strings of one or more whole lines.
 """
 
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from django.conf import settings
 from django.db import connection
 from django.db.models import Q
 
 from annotation.models import Annotation, Turn
+from annotation.models.people import annotator_pseudonym
 from annotation.scales import MARGINS, STRENGTH_RANK, Strength
 
 from .errors import InvalidInput
@@ -48,8 +47,7 @@ class ExportFilters:
 
 def _pseudonym(user_id: int, cache: dict[int, str]) -> str:
     if user_id not in cache:
-        digest = hashlib.sha256(f"{settings.ANNOTATOR_PSEUDONYM_SALT}:{user_id}".encode()).hexdigest()
-        cache[user_id] = f"ann-{digest[:12]}"
+        cache[user_id] = annotator_pseudonym(user_id)
     return cache[user_id]
 
 

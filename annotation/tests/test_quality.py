@@ -1,0 +1,78 @@
+import pytest
+from django.contrib.admin.sites import site
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from annotation.models import Annotation, Role
+from annotation.services import assignment as assignment_service
+from annotation.services.assignment import annotation_submit, assignment_claim_next
+
+from .factories import BatchFactory, annotator, make_tasks
+
+pytestmark = pytest.mark.django_db
+
+
+def test_too_fast_submissions_are_flagged_by_the_batch_floor():
+    make_tasks(BatchFactory(too_fast_seconds=5), 2)
+    user = annotator()
+    fast = assignment_claim_next(user=user)
+    annotation_submit(user=user, task_id=fast.task_id, choice="a", strength="better", time_on_task_ms=1200)
+    slow = assignment_claim_next(user=user)
+    annotation_submit(user=user, task_id=slow.task_id, choice="a", strength="better", time_on_task_ms=30_000)
+    flags = dict(Annotation.objects.values_list("task_id", "too_fast"))
+    # The server also saw the second one come back at once: the shorter of the two times counts.
+    assert flags[fast.task_id] is True
+    assert flags[slow.task_id] is True
+    stats = APIClient()
+    stats.force_authenticate(annotator("lead", role=Role.RESEARCHER))
+    batch_id = fast.task.batch_id
+    assert stats.get(f"/api/v1/batches/{batch_id}/stats/").json()["too_fast_rate"] == 1.0
+
+
+def test_gold_accuracy_per_annotator():
+    batch = BatchFactory(gold_rate=1.0, overlap=2)
+    make_tasks(batch, 4)
+    make_tasks(batch, 2, gold=True)  # gold answer "a"
+    assignment_service.gold_rng.seed(0)
+    good, sloppy = annotator("good"), annotator("sloppy")
+    for user, answer in ((good, "a"), (sloppy, "b")):
+        while (lease := assignment_claim_next(user=user)) is not None:
+            annotation_submit(user=user, task_id=lease.task_id, choice=answer, strength="better", time_on_task_ms=9000)
+    client = APIClient()
+    client.force_authenticate(annotator("lead", role=Role.RESEARCHER))
+    rows = {r["username"]: r for r in client.get(f"/api/v1/annotators/quality/?batch={batch.name}").json()}
+    assert rows["good"]["gold_answered"] == 2
+    assert rows["good"]["gold_accuracy"] == 1.0
+    assert rows["sloppy"]["gold_accuracy"] == 0.0
+    stats = client.get(f"/api/v1/batches/{batch.id}/stats/").json()
+    assert stats["gold_accuracy"] == 0.5
+    assert stats["gold_tasks"] == 2
+    assert client.get("/api/v1/annotators/quality/?batch=nope").status_code == 404
+
+
+def test_every_model_has_a_working_admin_changelist(client):
+    make_tasks(BatchFactory(), 2)
+    admin = annotator("boss", role=Role.ADMIN)
+    admin.is_staff = admin.is_superuser = True
+    admin.save()
+    client.force_login(admin)
+    for model in site._registry:
+        url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
+        assert client.get(url).status_code == 200, url
+        assert client.get(url, {"q": "x"}).status_code == 200, url
+
+
+def test_admin_close_action_fixes_the_split(client):
+    batch = BatchFactory(test_size=1)
+    make_tasks(batch, 3)
+    admin = annotator("boss2", role=Role.ADMIN)
+    admin.is_staff = admin.is_superuser = True
+    admin.save()
+    client.force_login(admin)
+    response = client.post(
+        reverse("admin:annotation_batch_changelist"), {"action": "close_batches", "_selected_action": [batch.pk]}
+    )
+    assert response.status_code == 302
+    batch.refresh_from_db()
+    assert batch.status == "closed"
+    assert batch.tasks.filter(split="test").count() == 1
