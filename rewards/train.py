@@ -475,7 +475,7 @@ def train_reward_model(
         model = RewardModel.from_args(from_scratch_config(config.config).model_args(data.vocab_size), device=ctx.device)
     if config.max_seq_len is not None and config.max_seq_len > model.args.max_seq_len:
         raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context {model.args.max_seq_len}")
-    resuming = config.resume and (out_dir / TRAIN_STATE_FILE).is_file()
+    resuming = config.resume and (out_dir / TRAIN_STATE_FILE).is_file()  # continue where train_state.pt stopped
     lm_losses: list[float] = []
     if config.lm_pretrain_epochs and not resuming:  # a resumed run loads weights that already had it
         lm_losses = pretrain_language_model(
@@ -495,7 +495,7 @@ def train_reward_model(
     best: dict[str, Any] = {"accuracy": None, "loss": None, "step": None, "state": None, "bad_evals": 0}
     elapsed_before = 0.0
     state_path = out_dir / TRAIN_STATE_FILE
-    if config.resume and state_path.is_file():
+    if resuming:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["total_steps"] != total_steps or state["n_train"] != len(data.train):
             raise ValueError(
