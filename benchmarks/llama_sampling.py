@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--from-checkpoint", default=None,
+                        help="benchmark a trained checkpoint (either format) instead of a random model")
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -134,17 +136,21 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
-    from training.llama.checkpoint import save_hf_checkpoint
+    from training.llama.checkpoint import load_checkpoint, save_hf_checkpoint
     from training.llama.model import ModelArgs, Transformer
 
-    args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
-                     vocab_size=opts.vocab, max_seq_len=2048)
-    torch.manual_seed(0)
+    if opts.from_checkpoint:
+        model, args = load_checkpoint(opts.from_checkpoint)
+    else:
+        args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
+                         vocab_size=opts.vocab, max_seq_len=2048)
+        torch.manual_seed(0)
+        model = Transformer(args)
     results: dict[str, list[dict]] = {"ours": [], "hf": []}
     with tempfile.TemporaryDirectory() as tmp:
-        save_hf_checkpoint(Transformer(args), tmp)
+        save_hf_checkpoint(model, tmp)
         passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(opts).items()
-                       if k not in ("impl", "checkpoint") and v is not None]
+                       if k not in ("impl", "checkpoint", "from_checkpoint") and v is not None]
         for _ in range(opts.rounds):
             for impl in ("ours", "hf"):
                 out = subprocess.run([sys.executable, __file__, *passthrough, f"--impl={impl}",
@@ -164,6 +170,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "llama_sampling",
         "config": {**{k: v for k, v in vars(opts).items() if k not in ("impl", "checkpoint")},
+                   **({"model": args.to_params_json()} if opts.from_checkpoint else {}),
                    "params": n_params, "dtype": "float32", "torch": torch.__version__},
         "ours": ours,
         "transformers": hf,
