@@ -129,3 +129,5 @@ class TrainingRunAdmin(admin.ModelAdmin):
     list_display = ["id", "kind", "status", "progress", "created_at", "finished_at"]
     list_filter = ["kind", "status"]
     search_fields = ["error", "celery_task_id"]
+
+from annotation import admin_review  # noqa: E402, F401  (adjudications and guidelines)
