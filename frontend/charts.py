@@ -1,0 +1,200 @@
+"""Server-rendered SVG charts: no chart library, a few hundred bytes each, readable without JavaScript.
+
+Each chart is an <svg role="img"> with an aria-label and a <title>; data marks carry `data-value` so tests
+(and curious users, via the tooltip <title>) can read the numbers. Series colours come from CSS classes s0..s5.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
+
+W, H = 520, 220
+PAD_L, PAD_R, PAD_T, PAD_B = 44, 12, 14, 38
+
+
+def _num(value: float) -> str:
+    return f"{value:.1f}".rstrip("0").rstrip(".")
+
+
+def _fmt(value: float) -> str:
+    if value == int(value):
+        return str(int(value))
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}".rstrip("0").rstrip(".") if value else "0"
+
+
+def _svg(title: str, body: list[str], *, legend: Sequence[str] = (), kind: str, x_label: str = "",
+         y_label: str = "") -> SafeString:
+    if x_label:
+        body.append(f'<text class="axis" x="{W - PAD_R}" y="{H - PAD_B + 26}" text-anchor="end">{escape(x_label)} →</text>')
+    if y_label:
+        body.append(f'<text class="axis" x="{PAD_L + 4}" y="{PAD_T + 10}">↑ {escape(y_label)}</text>')
+    parts = [
+        f'<figure class="chart-box"><figcaption>{escape(title)}</figcaption>',
+        f'<svg class="chart chart-{kind}" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}"'
+        ' preserveAspectRatio="xMinYMin meet">',
+        f"<title>{escape(title)}</title>",
+        *body,
+    ]
+    for i, name in enumerate(legend):
+        x = PAD_L + i * 130
+        parts.append(
+            f'<rect class="s{i % 6}" x="{x}" y="{H - 12}" width="10" height="10"/>'
+            f'<text class="legend" x="{x + 14}" y="{H - 3}">{escape(name)}</text>'
+        )
+    parts.append("</svg></figure>")
+    return mark_safe("".join(parts))  # noqa: S308 - every interpolated label is escaped above
+
+
+def _y_axis(lo: float, hi: float, ticks: int = 4) -> tuple[list[str], Callable[[float], float]]:
+    plot_h = H - PAD_T - PAD_B
+
+    def y(value: float) -> float:
+        return PAD_T + plot_h * (1 - (value - lo) / (hi - lo or 1))
+
+    body = []
+    for i in range(ticks + 1):
+        v = lo + (hi - lo) * i / ticks
+        body.append(
+            f'<line class="grid" x1="{PAD_L}" x2="{W - PAD_R}" y1="{_num(y(v))}" y2="{_num(y(v))}"/>'
+            f'<text class="tick" x="{PAD_L - 4}" y="{_num(y(v) + 4)}" text-anchor="end">{_fmt(v)}</text>'
+        )
+    return body, y
+
+
+def _nice_max(value: float) -> float:
+    if value <= 0:
+        return 1.0
+    exp = 10 ** math.floor(math.log10(value))
+    for step in (1, 2, 2.5, 5, 10):
+        if value <= step * exp:
+            return step * exp
+    return 10 * exp
+
+
+def empty(title: str, message: str) -> SafeString:
+    return mark_safe(f'<p class="empty" role="note"><strong>{escape(title)}</strong>: {escape(message)}</p>')
+
+
+def bar_chart(items: Sequence[tuple[str, float]], *, title: str, max_value: float | None = None) -> SafeString:
+    """One bar per (label, value)."""
+    return grouped_bar_chart([label for label, _ in items], [("", [v for _, v in items])], title=title,
+                             max_value=max_value)  # fmt: skip
+
+
+def grouped_bar_chart(
+    categories: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float | None]]],
+    *,
+    title: str,
+    max_value: float | None = None,
+) -> SafeString:
+    """Bars grouped by category, one colour per series (None draws nothing)."""
+    values = [v for _, vs in series for v in vs if v is not None]
+    if not categories or not values:
+        return empty(title, "no data yet")
+    hi = max_value or _nice_max(max(values))
+    body, y = _y_axis(0, hi)
+    plot_w = W - PAD_L - PAD_R
+    group_w = plot_w / len(categories)
+    bar_w = max(2.0, group_w * 0.8 / len(series))
+    for c, category in enumerate(categories):
+        x0 = PAD_L + c * group_w + group_w * 0.1
+        for s, (name, vs) in enumerate(series):
+            v = vs[c]
+            if v is None:
+                continue
+            top = y(min(v, hi))
+            label = f"{name + ' · ' if name else ''}{category}: {_fmt(v)}"
+            body.append(
+                f'<rect class="bar s{s % 6}" x="{_num(x0 + s * bar_w)}" y="{_num(top)}" width="{_num(bar_w - 1)}"'
+                f' height="{_num(y(0) - top)}" data-value="{v}"><title>{escape(label)}</title></rect>'
+            )
+        short = category if len(category) <= 14 else category[:13] + "…"
+        body.append(
+            f'<text class="tick" x="{_num(x0 + group_w * 0.4)}" y="{H - PAD_B + 14}" text-anchor="middle">'
+            f"{escape(short)}</text>"
+        )
+    legend = [name for name, _ in series] if len(series) > 1 else []
+    return _svg(title, body, legend=legend, kind="bar")
+
+
+def line_chart(
+    series: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    *,
+    title: str,
+    log_x: bool = False,
+    x_label: str = "",
+    y_label: str = "",
+) -> SafeString:
+    """Lines of (x, y) points, one colour per series."""
+    points = [p for _, ps in series for p in ps]
+    if not points:
+        return empty(title, "no data yet")
+    fx = (lambda v: math.log2(max(v, 1e-9))) if log_x else float
+    xs = [fx(x) for x, _ in points]
+    ys = [y for _, y in points]
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo, y_hi = min(ys), max(ys)
+    if y_lo == y_hi:
+        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    margin = (y_hi - y_lo) * 0.05
+    body, y = _y_axis(y_lo - margin, y_hi + margin)
+    plot_w = W - PAD_L - PAD_R
+
+    def x(v: float) -> float:
+        return PAD_L + plot_w * ((fx(v) - x_lo) / (x_hi - x_lo) if x_hi > x_lo else 0.5)
+
+    for raw in sorted({p[0] for p in points})[:: max(1, len(points) // 8 or 1)][:10]:
+        body.append(f'<text class="tick" x="{_num(x(raw))}" y="{H - PAD_B + 14}" text-anchor="middle">{_fmt(raw)}</text>')
+    for s, (name, ps) in enumerate(series):
+        if not ps:
+            continue
+        path = " ".join(f"{_num(x(px))},{_num(y(py))}" for px, py in ps)
+        body.append(f'<polyline class="line s{s % 6}" points="{path}" data-points="{len(ps)}"/>')
+        if len(ps) <= 40:
+            for px, py in ps:
+                body.append(
+                    f'<circle class="dot s{s % 6}" cx="{_num(x(px))}" cy="{_num(y(py))}" r="3" data-value="{py}">'
+                    f"<title>{escape(name)} @ {_fmt(px)}: {_fmt(py)}</title></circle>"
+                )
+    legend = [n for n, _ in series] if len(series) > 1 or series[0][0] else []
+    return _svg(title, body, legend=legend, kind="line", x_label=x_label, y_label=y_label)
+
+
+def scatter_chart(
+    points: Sequence[tuple[str, float, float]], *, title: str, x_label: str, y_label: str
+) -> SafeString:
+    """Labelled points joined in order (a lineage): Figure 11 of the Llama 2 report, helpfulness vs safety."""
+    if not points:
+        return empty(title, "no data yet")
+    xs = [p[1] for p in points]
+    ys = [p[2] for p in points]
+    x_lo, x_hi = min(xs), max(xs)
+    if x_lo == x_hi:
+        x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
+    y_lo, y_hi = min(ys), max(ys)
+    if y_lo == y_hi:
+        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    xm, ym = (x_hi - x_lo) * 0.1, (y_hi - y_lo) * 0.1
+    body, y = _y_axis(y_lo - ym, y_hi + ym)
+    plot_w = W - PAD_L - PAD_R - 40
+
+    def x(v: float) -> float:
+        return PAD_L + plot_w * (v - x_lo + xm) / (x_hi - x_lo + 2 * xm)
+
+    body.append(
+        f'<polyline class="line s0" points="{" ".join(f"{_num(x(px))},{_num(y(py))}" for _, px, py in points)}"/>'
+    )
+    for label, px, py in points:
+        body.append(
+            f'<circle class="dot s1" cx="{_num(x(px))}" cy="{_num(y(py))}" r="4" data-value="{px},{py}">'
+            f"<title>{escape(label)}: {escape(x_label)} {_fmt(px)}, {escape(y_label)} {_fmt(py)}</title></circle>"
+            f'<text class="point-label" x="{_num(x(px) + 6)}" y="{_num(y(py) - 6)}">{escape(label)}</text>'
+        )
+    return _svg(title, body, kind="scatter", x_label=x_label, y_label=y_label)

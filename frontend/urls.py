@@ -1,0 +1,24 @@
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from .views import annotate, dashboard, pages, review
+
+app_name = "frontend"
+
+urlpatterns = [
+    path("", pages.home, name="home"),
+    path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html"), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("annotate/", annotate.annotate_page, name="annotate"),
+    path("annotate/next/", annotate.annotate_next, name="annotate-next"),
+    path("annotate/<int:task_id>/submit/", annotate.annotate_submit, name="annotate-submit"),
+    path("annotate/<int:task_id>/skip/", annotate.annotate_skip, name="annotate-skip"),
+    path("prompts/new/", pages.prompt_write, name="prompt-write"),
+    path("guidelines/", pages.guidelines, name="guidelines"),
+    path("guidelines/<str:domain>/", pages.guidelines, name="guidelines-domain"),
+    path("review/", review.review_queue, name="review"),
+    path("review/<int:task_id>/", review.review_task, name="review-task"),
+    path("dashboard/", dashboard.dashboard, name="dashboard"),
+    path("dashboard/runs/", dashboard.runs_fragment, name="dashboard-runs"),
+    path("dashboard/runs/<int:run_id>/cancel/", dashboard.run_cancel, name="run-cancel"),
+]

@@ -1,0 +1,1 @@
+"""Server-rendered pages: the annotator's workbench, the review queue and the research dashboard."""

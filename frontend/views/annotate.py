@@ -1,0 +1,169 @@
+"""The comparison workbench: one page, and JSON calls that submit (or skip) and return the next task at once.
+
+Writes go through the same services as the REST API (lease, validation, blindness), so the page follows the
+API's rules; the combined submit-and-next call is what lets the next comparison appear in one round trip.
+"""
+
+import json
+from datetime import datetime, time
+
+from django.db.models import Count, Q
+from django.http import JsonResponse
+from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from annotation.models import Annotation, Assignment, ComparisonTask, TaskStatus
+from annotation.scales import SafetyLabel, Strength
+from annotation.selectors import task_context
+from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
+from annotation.services.errors import AnnotationError, InvalidInput
+
+from ..access import role_required
+
+# Keyboard map shown on the page and used by annotate.js (one source of truth).
+STRENGTH_KEYS = [
+    ("a", Strength.SIGNIFICANTLY_BETTER, "Significantly better"),
+    ("s", Strength.BETTER, "Better"),
+    ("d", Strength.SLIGHTLY_BETTER, "Slightly better"),
+    ("f", Strength.NEGLIGIBLY_BETTER, "Negligibly better / unsure"),
+]
+SAFETY_KEYS = [
+    ("j", SafetyLabel.CHOSEN_SAFE_OTHER_UNSAFE, "Chosen is safe, the other is not"),
+    ("k", SafetyLabel.BOTH_SAFE, "Both safe"),
+    ("l", SafetyLabel.BOTH_UNSAFE, "Both unsafe"),
+]
+
+
+def progress_for(user, batch_id: int | None) -> dict:
+    """The annotator's own counts: today, and in the batch of the task at hand (never anyone else's labels)."""
+    midnight = timezone.make_aware(datetime.combine(timezone.localdate(), time.min))
+    counts = Annotation.objects.filter(annotator=user).aggregate(
+        today=Count("id", filter=Q(created_at__gte=midnight)),
+        in_batch=Count("id", filter=Q(task__batch_id=batch_id or 0)),
+    )
+    remaining = None
+    if batch_id:
+        # Open comparisons of this batch this annotator has not been served yet (an upper bound on their work).
+        remaining = (
+            ComparisonTask.objects.filter(batch_id=batch_id, status=TaskStatus.OPEN, is_gold=False)
+            .exclude(assignments__annotator=user)
+            .count()
+        )
+    return {"today": counts["today"], "in_batch": counts["in_batch"], "batch_remaining": remaining}
+
+
+def task_payload(assignment: Assignment) -> dict:
+    """What the page shows for a leased task: context and the two responses, nothing of other annotators."""
+    task = ComparisonTask.objects.select_related("batch", "dialogue__prompt", "response_a", "response_b").get(
+        pk=assignment.task_id
+    )
+    return {
+        "task_id": task.id,
+        "batch": task.batch.name,
+        "batch_id": task.batch_id,
+        "domain": task.domain,
+        "risk_category": task.dialogue.prompt.get_risk_category_display() if task.dialogue.prompt.risk_category else "",
+        "dialogue": task_context(task),
+        "response_a": task.response_a.text,
+        "response_b": task.response_b.text,
+        "expires_at": assignment.expires_at.isoformat(),
+    }
+
+
+def next_payload(user) -> dict:
+    assignment = assignment_claim_next(user=user)
+    task = task_payload(assignment) if assignment else None
+    return {
+        "task": task,
+        "progress": progress_for(user, task["batch_id"] if task else None),
+        "server_now": timezone.now().isoformat(),
+    }
+
+
+def error_response(error: AnnotationError) -> JsonResponse:
+    return JsonResponse(
+        {"error": {"code": error.code, "message": error.message, "field": error.field}}, status=error.status_code
+    )
+
+
+def _body(request) -> dict:
+    try:
+        data = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return data
+
+
+def _text(data: dict, name: str, limit: int) -> str:
+    value = data.get(name, "") or ""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be text", field=name)
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is longer than {limit} characters", field=name)
+    return value
+
+
+@role_required()
+def annotate_page(request):
+    """The workbench shell; annotate.js claims the first task as soon as it loads."""
+    return render(
+        request,
+        "frontend/annotate.html",
+        {"strength_keys": STRENGTH_KEYS, "safety_keys": SAFETY_KEYS, "nav": "annotate"},
+    )
+
+
+@require_POST
+@role_required()
+def annotate_next(request):
+    """Claim the next comparison (or the one already held)."""
+    try:
+        return JsonResponse(next_payload(request.user))
+    except AnnotationError as error:
+        return error_response(error)
+
+
+@require_POST
+@role_required()
+def annotate_submit(request, task_id: int):
+    """Submit a judgement and return the next comparison in the same response."""
+    try:
+        data = _body(request)
+        time_on_task_ms = data.get("time_on_task_ms")
+        if time_on_task_ms is not None and (not isinstance(time_on_task_ms, int) or isinstance(time_on_task_ms, bool)):
+            raise InvalidInput("time_on_task_ms must be an integer", field="time_on_task_ms")
+        result = annotation_submit(
+            user=request.user,
+            task_id=task_id,
+            choice=_text(data, "choice", 32),
+            strength=_text(data, "strength", 32),
+            safety_label=_text(data, "safety_label", 32),
+            note=_text(data, "note", 10_000),
+            time_on_task_ms=min(time_on_task_ms, 86_400_000) if time_on_task_ms is not None else None,
+            continue_with=_text(data, "continue_with", 50_000),
+        )
+        payload = next_payload(request.user)
+    except AnnotationError as error:
+        return error_response(error)
+    payload["submitted"] = {
+        "task_id": task_id,
+        "created": result.created,
+        "continuation_task_id": result.continuation.id if result.continuation else None,
+    }
+    return JsonResponse(payload)
+
+
+@require_POST
+@role_required()
+def annotate_skip(request, task_id: int):
+    """Skip a comparison (it is never served to this annotator again) and return the next one."""
+    try:
+        assignment_give_back(user=request.user, task_id=task_id, skip=True)
+        payload = next_payload(request.user)
+    except AnnotationError as error:
+        return error_response(error)
+    payload["skipped"] = task_id
+    return JsonResponse(payload)

@@ -1,0 +1,207 @@
+"""The research dashboard: batches, annotators, reward models, policies and training runs, as charts."""
+
+from django.contrib import messages
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from annotation.models import Batch, PolicyVersion, RewardModelVersion, RunStatus, TrainingRun
+from annotation.scales import Strength
+from annotation.selectors import annotator_quality, batch_stats
+from annotation.services.errors import AnnotationError
+from annotation.services.review import training_run_cancel
+
+from .. import charts
+from ..access import DASHBOARD_ROLES, role_required
+
+STRENGTH_LABELS = {
+    Strength.SIGNIFICANTLY_BETTER: "Significantly better",
+    Strength.BETTER: "Better",
+    Strength.SLIGHTLY_BETTER: "Slightly better",
+    Strength.NEGLIGIBLY_BETTER: "Negligibly better / unsure",
+}
+LIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+def _accuracy(value) -> float | None:
+    """A bucket's accuracy: a number, or {"accuracy": x, "n": k} as the reward-model evaluation writes it."""
+    if isinstance(value, dict):
+        value = value.get("accuracy")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def batch_panels(limit: int = 8) -> list[dict]:
+    panels = []
+    for batch in Batch.objects.order_by("-created_at", "-id")[:limit]:
+        stats = batch_stats(batch)
+        days = [(d["date"][5:], d["annotations"]) for d in stats["throughput_per_day"][-14:]]
+        panels.append(
+            {
+                "batch": batch,
+                "stats": stats,
+                "progress_pct": round(100 * stats["progress"]),
+                "throughput_chart": charts.bar_chart(days, title=f"{batch.name}: annotations per day"),
+            }
+        )
+    return panels
+
+
+def annotator_panel() -> dict:
+    rows = annotator_quality()
+    names = [r["username"] for r in rows]
+    return {
+        "rows": rows,
+        "throughput_chart": charts.bar_chart(list(zip(names, [r["annotations"] for r in rows], strict=True)),
+                                             title="Annotations per annotator"),  # fmt: skip
+        "time_chart": charts.bar_chart(
+            [(n, (r["mean_time_on_task_ms"] or 0) / 1000) for n, r in zip(names, rows, strict=True)],
+            title="Mean time on task per annotator (seconds)",
+        ),
+        "gold_chart": charts.grouped_bar_chart(
+            names,
+            [("gold accuracy", [r["gold_accuracy"] for r in rows]), ("too-fast rate", [r["too_fast_rate"] for r in rows])],
+            title="Gold accuracy and too-fast rate per annotator",
+            max_value=1.0,
+        ),
+    }
+
+
+def reward_model_panel() -> dict:
+    versions = list(RewardModelVersion.objects.order_by("created_at", "id"))
+    buckets = [*STRENGTH_LABELS, "overall"]
+    series, domains = [], []
+    for v in versions:
+        by_strength = v.metrics.get("by_strength") or {}
+        series.append(
+            (v.name, [_accuracy(by_strength.get(s)) for s in STRENGTH_LABELS] + [_accuracy(v.metrics.get("accuracy"))])
+        )
+        domains += [d for d in (v.metrics.get("by_domain") or {}) if d not in domains]
+    domain_series = [(v.name, [_accuracy((v.metrics.get("by_domain") or {}).get(d)) for d in domains]) for v in versions]
+    return {
+        "versions": versions,
+        "table": [
+            {"name": name, "kind": v.kind, "cells": [f"{100 * x:.1f}" if x is not None else "–" for x in values]}
+            for v, (name, values) in zip(versions, series, strict=True)
+        ],
+        "bucket_labels": [STRENGTH_LABELS.get(b, "Overall") for b in buckets],
+        "strength_chart": charts.grouped_bar_chart(
+            [STRENGTH_LABELS.get(b, "Overall") for b in buckets], series,
+            title="Reward-model accuracy by preference strength (Table 8)", max_value=1.0,
+        ),  # fmt: skip
+        "domain_chart": charts.grouped_bar_chart(
+            domains, domain_series, title="Reward-model accuracy by domain", max_value=1.0
+        ),
+    }
+
+
+def _lineage(policies: list[PolicyVersion]) -> list[list[PolicyVersion]]:
+    """Chains from each root (SFT) through its descendants, e.g. SFT → RLHF-V1 → ... → Vn."""
+    children: dict[int | None, list[PolicyVersion]] = {}
+    for p in policies:
+        children.setdefault(p.parent_id, []).append(p)
+    chains = []
+
+    def walk(node: PolicyVersion, chain: list[PolicyVersion]) -> None:
+        chain = [*chain, node]
+        kids = children.get(node.id, [])
+        if not kids:
+            chains.append(chain)
+        for kid in kids:
+            walk(kid, chain)
+
+    for root in children.get(None, []):
+        walk(root, [])
+    return chains
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def policy_panel() -> dict:
+    policies = list(PolicyVersion.objects.order_by("created_at", "id"))
+    points = [
+        (p.name, h, s)
+        for p in policies
+        if (h := _number(p.metrics.get("helpfulness"))) is not None and (s := _number(p.metrics.get("safety"))) is not None
+    ]
+    curves = []
+    for p in policies:
+        curve = p.metrics.get("rejection_sampling_curve") or []
+        pts = [(float(n), float(r)) for n, r in (c for c in curve if isinstance(c, list | tuple) and len(c) == 2)
+               if _number(n) is not None and _number(r) is not None]  # fmt: skip
+        if pts:
+            curves.append((p.name, pts))
+    return {
+        "chains": _lineage(policies),
+        "policies": policies,
+        "scores_chart": charts.scatter_chart(
+            points, title="Mean helpfulness and safety score per policy version (Figure 11)",
+            x_label="helpfulness", y_label="safety",
+        ),  # fmt: skip
+        "rs_chart": charts.line_chart(
+            curves, title="Rejection sampling: max reward among N samples", log_x=True, x_label="N (log scale)",
+            y_label="max reward",
+        ),
+    }
+
+
+def run_rows(limit: int = 20) -> list[dict]:
+    rows = []
+    for run in TrainingRun.objects.select_related("policy_version", "reward_model_version")[:limit]:
+        points = [p for p in run.metrics if isinstance(p, dict) and _number(p.get("step")) is not None] if isinstance(
+            run.metrics, list) else []  # fmt: skip
+        keys = [k for k in ("loss", "reward", "accuracy", "validation_accuracy", "kl") if any(
+            _number(p.get(k)) is not None for p in points)]  # fmt: skip
+        loss = [(float(p["step"]), float(p["loss"])) for p in points if _number(p.get("loss")) is not None]
+        others = [
+            (k, [(float(p["step"]), float(p[k])) for p in points if _number(p.get(k)) is not None])
+            for k in keys
+            if k != "loss"
+        ]
+        rows.append(
+            {
+                "run": run,
+                "progress_pct": round(100 * run.progress),
+                "live": run.status in LIVE,
+                "loss_chart": charts.line_chart([("loss", loss)], title=f"Run {run.id}: loss", x_label="step") if loss else "",
+                "reward_chart": charts.line_chart(others, title=f"Run {run.id}: reward and accuracy", x_label="step") if others else "",
+            }
+        )
+    return rows
+
+
+@role_required(*DASHBOARD_ROLES)
+def dashboard(request):
+    runs = run_rows()
+    return render(
+        request,
+        "frontend/dashboard.html",
+        {
+            "nav": "dashboard",
+            "batches": batch_panels(),
+            "annotators": annotator_panel(),
+            "reward_models": reward_model_panel(),
+            "policies": policy_panel(),
+            "runs": runs,
+            "any_live": any(r["live"] for r in runs),
+        },
+    )
+
+
+@role_required(*DASHBOARD_ROLES)
+def runs_fragment(request):
+    """The training-runs panel alone, polled by dashboard.js while a run is live."""
+    runs = run_rows()
+    return render(request, "frontend/_runs.html", {"runs": runs, "any_live": any(r["live"] for r in runs)})
+
+
+@require_POST
+@role_required(*DASHBOARD_ROLES)
+def run_cancel(request, run_id: int):
+    try:
+        training_run_cancel(run_id=run_id)
+    except AnnotationError as error:
+        messages.error(request, error.message)
+    else:
+        messages.success(request, f"Run {run_id} cancelled; its worker stops at its next checkpoint.")
+    return redirect("frontend:dashboard")
