@@ -7,7 +7,11 @@ from django import template
 from django.utils.html import escape
 from django.utils.safestring import mark_safe
 
+from ..forms import SAFETY, STRENGTHS
+
 register = template.Library()
+STRENGTH_LABELS = dict(STRENGTHS)
+SAFETY_LABELS = dict(SAFETY)
 
 # After escaping, the only markup left is what Markdown itself writes; links may still carry a script URL.
 _UNSAFE_HREF = re.compile(r'(href|src)="(?!https?://|mailto:|/|#)[^"]*"', re.IGNORECASE)
@@ -28,3 +32,13 @@ def percent(value) -> str:
 @register.filter
 def seconds(ms) -> str:
     return "–" if ms is None else f"{ms / 1000:.1f} s"
+
+
+@register.filter
+def strength_label(value: str) -> str:
+    return STRENGTH_LABELS.get(value, value or "–")
+
+
+@register.filter
+def safety_text(value: str) -> str:
+    return SAFETY_LABELS.get(value, "–") if value else "–"

@@ -144,3 +144,16 @@ def test_no_work_is_an_empty_payload(annotator_client, batch):
 
 def test_get_is_not_allowed_on_json_calls(annotator_client, tasks):
     assert annotator_client.get("/annotate/next/").status_code == 405
+
+
+def test_annotator_page_loads_under_300_kb_of_js_and_css(annotator_client):
+    import re
+
+    from django.contrib.staticfiles import finders
+
+    html = annotator_client.get("/annotate/").content.decode()
+    assets = re.findall(r'<script src="/static/([^"]+)"', html) + re.findall(r'<link rel="stylesheet" href="/static/([^"]+)"', html)
+    assert sorted(assets) == ["frontend/annotate.js", "frontend/app.css"]  # nothing from a CDN
+    inline = sum(len(s) for s in re.findall(r"<script>(.*?)</script>", html, re.S))
+    total = sum(len(open(finders.find(a), "rb").read()) for a in assets) + inline
+    assert total < 300_000

@@ -65,6 +65,8 @@ def test_adjudicate_records_the_decision_and_leaves_the_queue(reviewer_client, d
     assert (decision.choice, decision.strength, decision.reason, decision.reviewer.username) == (
         "b", "slightly_better", "B answers the question asked", "rev")  # fmt: skip
     assert not tasks_needing_review().exists()
+    assert "B · Slightly better — by rev: B answers the question asked" in reviewer_client.get(
+        f"/review/{disputed}/").content.decode()  # fmt: skip
     again = reviewer_client.post(f"/review/{disputed}/", {"choice": "a", "strength": "better", "reason": "again"})
     assert again.status_code == 409
     assert "already been adjudicated" in again.content.decode()
