@@ -44,37 +44,43 @@ document.addEventListener("DOMContentLoaded", function () {
 
 
 def make_data(n_tasks: int) -> None:
+    """One annotator and an open batch of `n_tasks` single-turn comparisons."""
     from django.contrib.auth import get_user_model
 
     from annotation.models import AnnotatorProfile, Batch, PolicyVersion
-    from annotation.services.imports import ComparisonRecord, ResponseRecord, comparisons_store
+    from annotation.services.imports import comparisons_store
 
     user = get_user_model().objects.create_user("bench-annotator", password=PASSWORD)
     AnnotatorProfile.objects.create(user=user)
     PolicyVersion.objects.get_or_create(name="SFT")
     batch = Batch.objects.create(name="ui-bench", overlap=1)
     # Realistic lengths: a few sentences of prompt, replies of ~150 words.
-    comparisons_store(batch=batch, records=[
-        ComparisonRecord(
-            turns=(("user", f"Prompt {i}: how should I plan a week of vegetarian dinners on a budget?"),),
-            response_a=ResponseRecord(f"Reply A{i}. " + "Plan around beans, lentils and seasonal vegetables. " * 20,
-                                      "SFT", {"temperature": 0.7}),
-            response_b=ResponseRecord(f"Reply B{i}. " + "Cook grains in bulk and reuse them across meals. " * 20,
-                                      "SFT", {"temperature": 1.0}),
-            domain="helpfulness",
-        )
-        for i in range(n_tasks)
-    ])  # fmt: skip
+    for start in range(0, n_tasks, 5000):
+        comparisons_store(batch=batch, records=[record(i) for i in range(start, min(start + 5000, n_tasks))])
+
+
+def record(i: int):
+    from annotation.services.imports import ComparisonRecord, ResponseRecord
+
+    return ComparisonRecord(
+        turns=(("user", f"Prompt {i}: how should I plan a week of vegetarian dinners on a budget?"),),
+        response_a=ResponseRecord(f"Reply A{i}. " + "Plan around beans, lentils and seasonal vegetables. " * 20,
+                                  "SFT", {"temperature": 0.7}),
+        response_b=ResponseRecord(f"Reply B{i}. " + "Cook grains in bulk and reuse them across meals. " * 20,
+                                  "SFT", {"temperature": 1.0}),
+        domain="helpfulness",
+    )  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--submits", type=int, default=50)
+    parser.add_argument("--tasks", type=int, default=20_000, help="comparisons in the open batch")
     args = parser.parse_args()
 
     env = fresh_database("rlhf_bench_ui")
     subprocess.run([sys.executable, "manage.py", "collectstatic", "--no-input", "-v0"], cwd=ROOT, env=env, check=True)
-    make_data(args.submits + 5)
+    make_data(max(args.tasks, args.submits + 5))
 
     from playwright.sync_api import sync_playwright
 
@@ -116,6 +122,7 @@ def main() -> None:
         "page_weight_bytes": {"js_css": sum(map(len, bodies.values())),
                               "js_css_gzip": sum(len(gzip.compress(b)) for b in bodies.values()),
                               "files": sorted(u.rsplit("/", 1)[-1] for u in bodies), "inline_js": inline},
+        "tasks_in_batch": max(args.tasks, args.submits + 5),
         "server": "gunicorn 2 workers x 8 threads, production settings, PostgreSQL, loopback",
     }, indent=1))  # fmt: skip
 

@@ -35,15 +35,19 @@ SAFETY_KEYS = [
 ]
 
 
-def progress_for(user, batch_id: int | None) -> dict:
-    """The annotator's own counts: today, and in the batch of the task at hand (never anyone else's labels)."""
+def progress_for(user, batch_id: int | None, *, with_remaining: bool) -> dict:
+    """The annotator's own counts: today, and in the batch of the task at hand (never anyone else's labels).
+
+    `batch_remaining` scans the batch's open tasks (about 100 ms at 20,000), so it is computed when the page
+    loads, not on the submit path; the page counts it down itself.
+    """
     midnight = timezone.make_aware(datetime.combine(timezone.localdate(), time.min))
     counts = Annotation.objects.filter(annotator=user).aggregate(
         today=Count("id", filter=Q(created_at__gte=midnight)),
         in_batch=Count("id", filter=Q(task__batch_id=batch_id or 0)),
     )
     remaining = None
-    if batch_id:
+    if batch_id and with_remaining:
         # Open comparisons of this batch this annotator has not been served yet (an upper bound on their work).
         remaining = (
             ComparisonTask.objects.filter(batch_id=batch_id, status=TaskStatus.OPEN, is_gold=False)
@@ -71,12 +75,12 @@ def task_payload(assignment: Assignment) -> dict:
     }
 
 
-def next_payload(user) -> dict:
+def next_payload(user, *, with_remaining: bool = False) -> dict:
     assignment = assignment_claim_next(user=user)
     task = task_payload(assignment) if assignment else None
     return {
         "task": task,
-        "progress": progress_for(user, task["batch_id"] if task else None),
+        "progress": progress_for(user, task["batch_id"] if task else None, with_remaining=with_remaining),
         "server_now": timezone.now().isoformat(),
     }
 
@@ -121,7 +125,7 @@ def annotate_page(request):
 def annotate_next(request):
     """Claim the next comparison (or the one already held)."""
     try:
-        return JsonResponse(next_payload(request.user))
+        return JsonResponse(next_payload(request.user, with_remaining=True))
     except AnnotationError as error:
         return error_response(error)
 

@@ -6,6 +6,8 @@
   var root = $("workbench"), form = $("judgement");
   var csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
   var task = null, shownAt = 0, expiresAt = 0, clockSkew = 0, busy = false, timer = null;
+  // Open comparisons left in the batch: counted by the server when the page loads, then counted down here.
+  var remaining = null, remainingBatch = null;
 
   function post(url, body) {
     return fetch(url, {
@@ -21,8 +23,10 @@
   function showError(message) { var e = $("error"); e.textContent = message; e.hidden = !message; }
 
   function renderProgress(p) {
+    if (p.batch_remaining !== null) { remaining = p.batch_remaining; remainingBatch = task ? task.batch_id : null; }
+    else if (remaining !== null && (!task || task.batch_id !== remainingBatch)) remaining = null;
     var parts = [p.today + " today"];
-    if (task) parts.push(p.in_batch + " in " + task.batch + (p.batch_remaining !== null ? " · " + p.batch_remaining + " left" : ""));
+    if (task) parts.push(p.in_batch + " in " + task.batch + (remaining !== null ? " · about " + remaining + " left" : ""));
     $("progress").textContent = "You: " + parts.join(" · ");
   }
 
@@ -107,6 +111,7 @@
         return;
       }
       var s = data.submitted;
+      if (remaining !== null && remaining > 0) remaining -= 1;
       $("status").textContent = "Saved comparison " + s.task_id + "." + (s.continuation_task_id ? " Your next message opens a new comparison when the model replies." : "");
       render(data);
     }, function () { busy = false; root.dataset.state = "ready"; showError("Could not reach the server; your answer was not saved. Press Enter to retry."); });
@@ -119,6 +124,7 @@
       busy = false;
       if (data.error) { showError(data.error.message); return load(); }
       $("status").textContent = "Skipped comparison " + data.skipped + ".";
+      if (remaining !== null && remaining > 0) remaining -= 1;
       render(data);
     }, function () { busy = false; showError("Could not reach the server."); });
   }

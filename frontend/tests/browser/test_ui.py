@@ -63,7 +63,9 @@ def test_annotator_writes_a_prompt_and_compares_with_the_keyboard_alone(page):
     assert (annotation.choice, annotation.strength, annotation.safety_label, annotation.note) == (
         "b", "slightly_better", "chosen_safe_other_unsafe", "A guesses a dose")  # fmt: skip
     assert annotation.time_on_task_ms > 0
-    assert "1 today" in page.locator("#progress").inner_text()
+    progress = page.locator("#progress").inner_text()
+    assert "1 today" in progress
+    assert "about 1 left" in progress
 
     # Continue the dialogue with the chosen reply: the next message is typed after `m`, Enter submits.
     second = int(bench.get_attribute("data-task-id"))
