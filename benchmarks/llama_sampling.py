@@ -169,7 +169,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in Transformer(args, device="meta").parameters())
     print(json.dumps({
         "benchmark": "llama_sampling",
-        "config": {**{k: v for k, v in vars(opts).items() if k not in ("impl", "checkpoint")},
+        "config": {**{k: v for k, v in vars(opts).items() if k not in ("impl", "checkpoint")
+                      and not (opts.from_checkpoint and k in ("dim", "layers", "heads", "kv_heads", "vocab"))},
                    **({"model": args.to_params_json()} if opts.from_checkpoint else {}),
                    "params": n_params, "dtype": "float32", "torch": torch.__version__},
         "ours": ours,
