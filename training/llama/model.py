@@ -348,25 +348,22 @@ class Transformer(nn.Module):
         """
         device = self.tok_embeddings.weight.device
         kv_len = start_pos + seqlen
+        real = None  # (bsz, seqlen) bool: which of these tokens are real, when some are padding
         if attention_mask is not None:
             if attention_mask.shape != (bsz, seqlen):
                 raise ValueError(f"attention_mask must have shape (bsz, seqlen) = {(bsz, seqlen)}, "
                                  f"got {tuple(attention_mask.shape)}")
             real = attention_mask.to(device=device, dtype=torch.bool)
-            if kv_cache is not None:
-                kv_cache.key_mask[:, start_pos:kv_len] = real
-                kv_cache.has_padding = kv_cache.has_padding or not bool(real.all())
-        elif kv_cache is not None:
-            kv_cache.key_mask[:, start_pos:kv_len] = True
-
-        if kv_cache is not None and kv_cache.has_padding:
-            key_real = kv_cache.key_mask[:, :kv_len]  # (bsz, kv_len)
-        elif kv_cache is None and attention_mask is not None and not bool(real.all()):
-            key_real = real
+            if bool(real.all()):
+                real = None
+        if kv_cache is not None:
+            kv_cache.key_mask[:, start_pos:kv_len] = True if real is None else real
+            kv_cache.has_padding = kv_cache.has_padding or real is not None
+            key_real = kv_cache.key_mask[:, :kv_len] if kv_cache.has_padding else None  # (bsz, kv_len)
         else:
-            key_real = None
-            if start_pos == 0 or seqlen == 1:
-                return None
+            key_real = real
+        if key_real is None and (start_pos == 0 or seqlen == 1):
+            return None
 
         query_pos = torch.arange(start_pos, kv_len, device=device)[:, None]  # (seqlen, 1)
         key_pos = torch.arange(kv_len, device=device)[None, :]  # (1, kv_len)
