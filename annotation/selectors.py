@@ -113,3 +113,40 @@ def task_context(task: ComparisonTask) -> list[dict]:
         .order_by("position")
         .values_list("role", "text")
     ]
+
+
+def assignment_payload(assignment) -> dict:
+    """What an annotator is shown for a lease: context, both responses, lease times (two plain queries).
+
+    Blind by construction: no policy names, no gold flag, no one else's labels.
+    """
+    from django.db import connection
+
+    from annotation.models import Dialogue, Prompt, Response
+
+    t, p, d, r = (m._meta.db_table for m in (ComparisonTask, Prompt, Dialogue, Response))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT t.id, b.name, t.domain, p.risk_category, ra.id, ra.text, rb.id, rb.text, t.dialogue_id,"
+            f" t.context_length FROM {t} t JOIN {Batch._meta.db_table} b ON b.id = t.batch_id"
+            f" JOIN {d} d ON d.id = t.dialogue_id JOIN {p} p ON p.id = d.prompt_id"
+            f" JOIN {r} ra ON ra.id = t.response_a_id JOIN {r} rb ON rb.id = t.response_b_id WHERE t.id = %s",
+            [assignment.task_id],
+        )
+        task_id, batch, domain, risk, a_id, a_text, b_id, b_text, dialogue_id, context_length = cursor.fetchone()
+        cursor.execute(
+            f"SELECT role, text FROM {Turn._meta.db_table} WHERE dialogue_id = %s AND position < %s ORDER BY position",
+            [dialogue_id, context_length],
+        )
+        dialogue = [{"role": role, "content": text} for role, text in cursor.fetchall()]
+    return {
+        "task_id": task_id,
+        "batch": batch,
+        "domain": domain,
+        "risk_category": risk,
+        "dialogue": dialogue,
+        "response_a": {"id": a_id, "text": a_text},
+        "response_b": {"id": b_id, "text": b_text},
+        "leased_at": assignment.leased_at,
+        "expires_at": assignment.expires_at,
+    }

@@ -78,6 +78,8 @@ class PromptInSerializer(serializers.Serializer):
 
 
 class PromptSerializer(serializers.ModelSerializer):
+    risk_category = serializers.ChoiceField(choices=[("", "None"), *RiskCategory.choices], read_only=True)
+
     class Meta:
         model = Prompt
         fields = ["id", "text", "domain", "risk_category", "source", "author", "created_at"]
@@ -169,3 +171,13 @@ class TrainingRunSerializer(serializers.ModelSerializer):
             "finished_at", "policy_version", "reward_model_version",
         ]  # fmt: skip
         read_only_fields = [f for f in fields if f not in ("kind", "params")]
+
+
+class AnnotatorQualitySerializer(serializers.Serializer):
+    annotator_id = serializers.IntegerField()
+    username = serializers.CharField()
+    annotations = serializers.IntegerField()
+    gold_answered = serializers.IntegerField()
+    gold_accuracy = serializers.FloatField(allow_null=True)
+    too_fast_rate = serializers.FloatField()
+    mean_time_on_task_ms = serializers.FloatField(allow_null=True)

@@ -22,7 +22,7 @@ from annotation.models import (
     Role,
     TrainingRun,
 )
-from annotation.selectors import annotator_quality, batch_stats, task_context
+from annotation.selectors import annotator_quality, assignment_payload, batch_stats, task_context
 from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
 from annotation.services.batches import batch_close
 from annotation.services.dialogues import prompt_create, task_attach_responses
@@ -32,21 +32,6 @@ from annotation.services.imports import ComparisonRecord, ResponseRecord, compar
 
 from . import serializers as s
 from .permissions import IsResearcher, ReadAnyWriteResearcher, role_of
-
-
-def _task_payload(assignment) -> dict:
-    task = assignment.task
-    return {
-        "task_id": task.id,
-        "batch": task.batch.name,
-        "domain": task.domain,
-        "risk_category": task.dialogue.prompt.risk_category,
-        "dialogue": task_context(task),
-        "response_a": {"id": task.response_a_id, "text": task.response_a.text},
-        "response_b": {"id": task.response_b_id, "text": task.response_b.text},
-        "leased_at": assignment.leased_at,
-        "expires_at": assignment.expires_at,
-    }
 
 
 class TaskNextView(APIView):
@@ -62,12 +47,8 @@ class TaskNextView(APIView):
         assignment = assignment_claim_next(user=request.user)
         if assignment is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        assignment = (
-            type(assignment)
-            .objects.select_related("task__batch", "task__dialogue__prompt", "task__response_a", "task__response_b")
-            .get(pk=assignment.pk)
-        )
-        return Response(s.AssignedTaskSerializer(_task_payload(assignment)).data)
+        # The payload is built by the selector in the serializer's shape (the schema documents it).
+        return Response(assignment_payload(assignment))
 
 
 class TaskSubmitView(APIView):
@@ -326,7 +307,7 @@ class ExportView(APIView):
 class AnnotatorQualityView(APIView):
     permission_classes = [IsResearcher]
 
-    @extend_schema(parameters=[OpenApiParameter("batch", str)], responses={200: OpenApiTypes.OBJECT})
+    @extend_schema(parameters=[OpenApiParameter("batch", str)], responses={200: s.AnnotatorQualitySerializer(many=True)})
     def get(self, request):
         batch = None
         if name := request.query_params.get("batch"):
