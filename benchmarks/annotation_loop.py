@@ -63,8 +63,15 @@ class Client:
 
     def post(self, path: str, body: bytes = b"") -> tuple[int, bytes, float]:
         t0 = time.perf_counter()
-        self.conn.request("POST", path, body=body, headers=self.headers)
-        response = self.conn.getresponse()
+        try:
+            self.conn.request("POST", path, body=body, headers=self.headers)
+            response = self.conn.getresponse()
+        except (ConnectionError, http.client.RemoteDisconnected):
+            # gunicorn closes idle keep-alive connections (2 s): reconnect, as a browser would.
+            self.conn.close()
+            t0 = time.perf_counter()
+            self.conn.request("POST", path, body=body, headers=self.headers)
+            response = self.conn.getresponse()
         data = response.read()
         return response.status, data, (time.perf_counter() - t0) * 1000
 
