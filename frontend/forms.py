@@ -21,7 +21,7 @@ SAFETY = [
 class PromptForm(forms.Form):
     """Shape only; the domain and risk-category rules are the service's (prompt_create)."""
 
-    domain = forms.ChoiceField(choices=DOMAINS)
+    domain = forms.ChoiceField(choices=DOMAINS, widget=forms.Select(attrs={"autofocus": True}))
     risk_category = forms.ChoiceField(
         choices=[("", "— (helpfulness prompt)"), *[(v, label) for v, label in RiskCategory.choices if v != "uncategorized"]],
         required=False,

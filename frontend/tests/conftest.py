@@ -4,6 +4,14 @@ from annotation.models import Role
 from annotation.tests.factories import BatchFactory, annotator, make_tasks
 
 
+@pytest.fixture(autouse=True)
+def _fresh_throttle_cache():
+    """Rate-limit counters live in the cache; a reused user id must not inherit another test's requests."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture
 def batch(db):
     return BatchFactory(name="week-1", overlap=2)

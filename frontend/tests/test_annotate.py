@@ -156,3 +156,14 @@ def test_annotator_page_loads_under_300_kb_of_js_and_css(annotator_client):
     inline = sum(len(s) for s in re.findall(r"<script>(.*?)</script>", html, re.S))
     total = sum(len(open(finders.find(a), "rb").read()) for a in assets) + inline
     assert total < 300_000
+
+
+def test_the_apis_rate_limits_apply(annotator_client, tasks, monkeypatch):
+    from rest_framework.throttling import ScopedRateThrottle
+
+    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"claim": "2/min", "submit": "120/min"})
+    assert post(annotator_client, "/annotate/next/").status_code == 200
+    assert post(annotator_client, "/annotate/next/").status_code == 200
+    response = post(annotator_client, "/annotate/next/")
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "throttled"

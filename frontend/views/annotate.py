@@ -6,12 +6,14 @@ API's rules; the combined submit-and-next call is what lets the next comparison 
 
 import json
 from datetime import datetime, time
+from types import SimpleNamespace
 
 from django.db.models import Count, Q
 from django.http import JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
+from rest_framework.throttling import ScopedRateThrottle
 
 from annotation.models import Annotation, Assignment, ComparisonTask, TaskStatus
 from annotation.scales import SafetyLabel, Strength
@@ -85,6 +87,20 @@ def next_payload(user, *, with_remaining: bool = False) -> dict:
     }
 
 
+def throttled(request, scope: str) -> JsonResponse | None:
+    """The API's rate limits (settings REST_FRAMEWORK DEFAULT_THROTTLE_RATES) apply to the page's calls too."""
+    throttle = ScopedRateThrottle()
+    view = SimpleNamespace(throttle_scope=scope)
+    if throttle.allow_request(request, view):
+        return None
+    wait = throttle.wait() or 1
+    return JsonResponse(
+        {"error": {"code": "throttled", "message": f"Too many requests; wait {wait:.0f} s and press Enter again.",
+                   "field": None}},
+        status=429,
+    )  # fmt: skip
+
+
 def error_response(error: AnnotationError) -> JsonResponse:
     return JsonResponse(
         {"error": {"code": error.code, "message": error.message, "field": error.field}}, status=error.status_code
@@ -124,6 +140,8 @@ def annotate_page(request):
 @role_required()
 def annotate_next(request):
     """Claim the next comparison (or the one already held)."""
+    if limited := throttled(request, "claim"):
+        return limited
     try:
         return JsonResponse(next_payload(request.user, with_remaining=True))
     except AnnotationError as error:
@@ -134,6 +152,8 @@ def annotate_next(request):
 @role_required()
 def annotate_submit(request, task_id: int):
     """Submit a judgement and return the next comparison in the same response."""
+    if limited := throttled(request, "submit"):
+        return limited
     try:
         data = _body(request)
         time_on_task_ms = data.get("time_on_task_ms")

@@ -67,6 +67,7 @@
     $("domain").className = "badge " + task.domain;
     $("risk").textContent = task.risk_category; $("risk").hidden = !task.risk_category;
     $("batch").textContent = task.batch;
+    $("guide").href = root.dataset.guidelinesUrl + task.domain + "/";
     $("safety-need").textContent = task.domain === "safety" ? "(required)" : "(optional)";
     expiresAt = Date.parse(task.expires_at) - clockSkew;
     $("empty").hidden = true; $("task").hidden = false;

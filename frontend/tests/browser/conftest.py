@@ -30,10 +30,16 @@ def browser():
         browser.close()
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """Sign-in verifies a PBKDF2 hash (about a second on a loaded 2-core machine); the journeys don't test that."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def page(browser, live_server):
     context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(10_000)
+    context.set_default_timeout(20_000)
     page = context.new_page()
     page.js_errors = []
     page.on("pageerror", lambda error: page.js_errors.append(str(error)))
@@ -50,8 +56,12 @@ def screenshot(page, name: str, *, full_page: bool = True) -> Path:
 
 
 def log_in(page, username: str, password: str) -> None:
+    """Sign in with the keyboard (the username box has focus when the page opens)."""
     page.goto("/login/")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(password)
+    page.get_by_label("Username").wait_for()
+    assert page.evaluate("document.activeElement.id") == "id_username"
+    page.keyboard.type(username)
+    page.keyboard.press("Tab")
+    page.keyboard.type(password)
     page.keyboard.press("Enter")
-    page.wait_for_url(lambda url: "/login/" not in url)
+    page.wait_for_url(lambda url: "/login/" not in url, timeout=30_000)
