@@ -103,3 +103,19 @@ def test_only_admins_edit_guidelines(client, db):
     assert guideline.text == "# Safety first"
     assert guideline.updated_by.username == "boss"
     assert client.get("/guidelines/nonsense/").status_code == 404
+
+
+def test_the_demo_works_for_every_demo_user(client):
+    from django.core.management import call_command
+
+    call_command("load_demo", stdout=open("/dev/null", "w"))  # noqa: SIM115
+    for username, landing in (("annotator1", "/annotate/"), ("reviewer", "/review/"), ("researcher", "/dashboard/"),
+                              ("admin", "/dashboard/")):  # fmt: skip
+        assert client.login(username=username, password="demo-password")
+        response = client.get("/", follow=True)
+        assert response.redirect_chain[-1][0] == landing
+        assert response.status_code == 200
+    client.login(username="annotator1", password="demo-password")
+    task = client.post("/annotate/next/", "{}", content_type="application/json").json()["task"]
+    assert task["batch"] == "demo-week-1"
+    assert task["response_a"]
