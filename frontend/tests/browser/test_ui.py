@@ -1,5 +1,7 @@
 """The three journeys in a real browser: annotate with the keyboard alone, adjudicate, read the dashboard."""
 
+import re
+
 import pytest
 
 from annotation.models import (
@@ -48,6 +50,7 @@ def test_annotator_writes_a_prompt_and_compares_with_the_keyboard_alone(page):
     bench.wait_for()
     first = int(bench.get_attribute("data-task-id"))
     assert page.locator("#text-a").inner_text() == "answer A0"
+    assert re.fullmatch(r"1[45]:\d\d left", page.get_by_role("timer").inner_text())  # the 15-minute lease
     screenshot(page, "annotate-1280")
 
     page.keyboard.press("Enter")  # nothing chosen yet: a message, no request
@@ -107,6 +110,14 @@ def test_narrow_screen_stacks_the_responses(page):
     assert a["width"] <= 400
     assert page.evaluate("document.documentElement.scrollWidth") <= 400  # no sideways scrolling
     screenshot(page, "annotate-400")
+
+    # Focus order: each question once, then the text boxes, then the buttons.
+    page.locator("input[name=choice]").first.focus()
+    order = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.name || document.activeElement.id"))
+    assert order == ["strength", "safety_label", "note", "continue_with", "submit", "skip"]
 
 
 def test_reviewer_adjudicates_a_disagreement(page):
