@@ -2,6 +2,9 @@
 
 from enum import StrEnum
 
+# Time on task is recorded up to a day (the column is a 32-bit integer; a lease may outlive a day).
+MAX_TIME_ON_TASK_MS = 86_400_000
+
 
 class Choice(StrEnum):
     A = "a"

@@ -10,7 +10,7 @@ from annotation.models import (
     RiskCategory,
     TrainingRun,
 )
-from annotation.scales import Choice, SafetyLabel, Strength
+from annotation.scales import MAX_TIME_ON_TASK_MS, Choice, SafetyLabel, Strength
 
 DOMAINS = Domain.choices
 
@@ -50,7 +50,7 @@ class SubmitInSerializer(serializers.Serializer):
     strength = serializers.ChoiceField(choices=[s.value for s in Strength])
     safety_label = serializers.ChoiceField(choices=["", *[s.value for s in SafetyLabel]], required=False, default="")
     note = serializers.CharField(required=False, allow_blank=True, default="", max_length=10_000)
-    time_on_task_ms = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=86_400_000)
+    time_on_task_ms = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_TIME_ON_TASK_MS)
     continue_with = serializers.CharField(
         required=False, allow_blank=True, default="", max_length=50_000,
         help_text="a next user message: continues the dialogue with the chosen reply",

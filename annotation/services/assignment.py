@@ -28,7 +28,7 @@ from annotation.models import (
     TaskStatus,
 )
 from annotation.models.tasks import SlotState
-from annotation.scales import Choice, SafetyLabel, Strength
+from annotation.scales import MAX_TIME_ON_TASK_MS, Choice, SafetyLabel, Strength
 
 from .errors import BatchClosed, Conflict, InvalidInput, LeaseExpired, NotFound
 
@@ -252,8 +252,8 @@ def annotation_submit(
     choice, strength, safety_label = _validate_labels(domain, choice, strength, safety_label)
     if time_on_task_ms is not None and (not isinstance(time_on_task_ms, int) or time_on_task_ms < 0):
         raise InvalidInput("time_on_task_ms must be a non-negative integer", field="time_on_task_ms")
-    served_ms = int((now - _aware(leased_at)).total_seconds() * 1000)
-    elapsed_ms = time_on_task_ms if time_on_task_ms is not None else served_ms
+    served_ms = min(int((now - _aware(leased_at)).total_seconds() * 1000), MAX_TIME_ON_TASK_MS)
+    elapsed_ms = min(time_on_task_ms, MAX_TIME_ON_TASK_MS) if time_on_task_ms is not None else served_ms
     # Flag on the shorter of what the client reports and what the server saw.
     too_fast = min(elapsed_ms, served_ms) < too_fast_seconds * 1000
 

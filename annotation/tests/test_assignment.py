@@ -82,6 +82,15 @@ def test_expired_lease_is_honoured_while_nobody_took_the_slot():
     assert result.created
 
 
+def test_time_on_task_is_recorded_up_to_a_day_after_a_lease_longer_than_the_column_holds():
+    make_tasks(BatchFactory(lease_seconds=40 * 86_400), 1)
+    user = annotator()
+    lease = assignment_claim_next(user=user)
+    result = submit(user, lease, time_on_task_ms=None, now=timezone.now() + timedelta(days=30))
+    result.annotation.refresh_from_db()
+    assert result.annotation.time_on_task_ms == 86_400_000
+
+
 def test_skip_returns_slot_and_is_never_served_again():
     (task,) = make_tasks(BatchFactory(), 1)
     user, other = annotator(), annotator()

@@ -166,7 +166,7 @@ def annotate_submit(request, task_id: int):
             strength=_text(data, "strength", 32),
             safety_label=_text(data, "safety_label", 32),
             note=_text(data, "note", 10_000),
-            time_on_task_ms=min(time_on_task_ms, 86_400_000) if time_on_task_ms is not None else None,
+            time_on_task_ms=time_on_task_ms,
             continue_with=_text(data, "continue_with", 50_000),
         )
         payload = next_payload(request.user)
