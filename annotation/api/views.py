@@ -259,7 +259,7 @@ class ExportView(APIView):
             OpenApiParameter("created_after", str, description="ISO date or datetime"),
             OpenApiParameter("created_before", str, description="ISO date or datetime"),
             OpenApiParameter("include_gold", bool, description="default false"),
-            OpenApiParameter("aggregate", bool, description="one row per task by majority vote"),
+            OpenApiParameter("aggregate", bool, description="one row per task: the reviewer's adjudication where there is one, else the majority vote"),
             OpenApiParameter("margin", str, enum=["none", "small", "large"], description="Table 27 margins (trl)"),
         ],
         responses={(200, "application/jsonl"): OpenApiTypes.STR},

@@ -1,8 +1,9 @@
-"""Streamed preference exports: one JSON line per annotation, or per task by majority vote.
+"""Streamed preference exports: one JSON line per annotation, or one per task (a reviewer's adjudication
+where there is one, else the majority vote).
 
-Constant memory: annotations are read in keyset-paginated chunks (by primary key), each with one query
-for its rows and one for the dialogue turns they need, and written out before the next chunk is read.
-Items yielded are strings of one or more whole lines.
+Constant memory: annotations are read in keyset-paginated chunks (by annotation id, or by task id when
+aggregating), each with one query for its rows and one for the dialogue turns they need, and written out
+before the next chunk is read. Items yielded are strings of one or more whole lines.
 """
 
 import json
@@ -10,18 +11,19 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import groupby
 
 from django.db import connection
-from django.db.models import Q
 
-from annotation.models import Annotation, Turn
+from annotation.models import Adjudication, Annotation, Turn
 from annotation.models.people import annotator_pseudonym
 from annotation.scales import MARGINS, STRENGTH_RANK, Strength
 
 from .errors import InvalidInput
 
 FORMATS = ("native", "trl", "hh-rlhf")
-CHUNK = 2000
+CHUNK = 2000  # annotations a page
+TASK_CHUNK = 700  # tasks a page when aggregating
 
 _COLUMNS = (
     "id", "choice", "strength", "safety_label", "note", "time_on_task_ms", "too_fast", "created_at",
@@ -68,27 +70,52 @@ def _queryset(filters: ExportFilters):
     return qs
 
 
-def _chunks(filters: ExportFilters, *, by_task: bool) -> Iterator[tuple[list[dict], dict[int, list[dict]]]]:
-    """Yield (rows, turns by dialogue id) chunk by chunk, in annotation order or grouped by task."""
+def _turns_of(rows: list[dict]) -> dict[int, list[dict]]:
+    turns: dict[int, list[dict]] = {}
+    for dialogue_id, role, text in (
+        Turn.objects.filter(dialogue_id__in={r["task__dialogue_id"] for r in rows})
+        .order_by("dialogue_id", "position")
+        .values_list("dialogue_id", "role", "text")
+    ):
+        turns.setdefault(dialogue_id, []).append({"role": role, "content": text})
+    return turns
+
+
+def _chunks(filters: ExportFilters) -> Iterator[tuple[list[dict], dict[int, list[dict]]]]:
+    """Yield (rows, turns by dialogue id) chunk by chunk, in annotation order."""
     qs = _queryset(filters)
-    last_task, last_id = 0, 0
+    last_id = 0
     while True:
-        if by_task:
-            page = qs.filter(Q(task_id__gt=last_task) | Q(task_id=last_task, id__gt=last_id)).order_by("task_id", "id")
-        else:
-            page = qs.filter(id__gt=last_id).order_by("id")
-        rows = [dict(zip(_COLUMNS, r, strict=True)) for r in page.values_list(*_COLUMNS)[:CHUNK]]
+        rows = [dict(zip(_COLUMNS, r, strict=True)) for r in qs.filter(id__gt=last_id).order_by("id").values_list(*_COLUMNS)[:CHUNK]]  # fmt: skip
         if not rows:
             return
-        last_task, last_id = rows[-1]["task_id"], rows[-1]["id"]
-        turns: dict[int, list[dict]] = {}
-        for dialogue_id, role, text in (
-            Turn.objects.filter(dialogue_id__in={r["task__dialogue_id"] for r in rows})
-            .order_by("dialogue_id", "position")
-            .values_list("dialogue_id", "role", "text")
-        ):
-            turns.setdefault(dialogue_id, []).append({"role": role, "content": text})
-        yield rows, turns
+        last_id = rows[-1]["id"]
+        yield rows, _turns_of(rows)
+
+
+def _task_chunks(filters: ExportFilters) -> Iterator[tuple[list[dict], dict[int, list[dict]], dict[int, tuple]]]:
+    """Yield (rows, turns, adjudications by task id) for whole tasks at a time, in task order.
+
+    Keyset pages on the task id: first the next task ids that have selected annotations, then all of
+    their annotations by index lookups (a page never splits a task's votes).
+    """
+    qs = _queryset(filters)
+    last_task = 0
+    while True:
+        task_ids = list(
+            qs.filter(task_id__gt=last_task).order_by("task_id").values_list("task_id", flat=True).distinct()[:TASK_CHUNK]
+        )
+        if not task_ids:
+            return
+        last_task = task_ids[-1]
+        rows = [dict(zip(_COLUMNS, r, strict=True)) for r in qs.filter(task_id__in=task_ids).order_by("task_id", "id").values_list(*_COLUMNS)]  # fmt: skip
+        adjudications = {
+            task_id: decision
+            for task_id, *decision in Adjudication.objects.filter(task_id__in=task_ids).values_list(
+                "task_id", "choice", "strength", "safety_label"
+            )
+        }
+        yield rows, _turns_of(rows), adjudications
 
 
 def _transcript(messages: list[dict], reply: str) -> str:
@@ -135,7 +162,7 @@ def _line(row: dict, context: list[dict], fmt: str, margins: dict, *, annotator:
             "strength": row["strength"] or None,
             "safety_label": row["safety_label"] or None,
             "annotator": annotator,
-            "annotation_id": row["id"] if n_annotations == 1 and annotator != "majority" else None,
+            "annotation_id": row["id"] if annotator not in ("majority", "adjudicated") else None,
             "n_annotations": n_annotations,
             "is_gold": row["task__is_gold"],
             "created_at": row["created_at"].astimezone(UTC).isoformat(timespec="microseconds"),
@@ -168,7 +195,9 @@ def comparisons_export_lines(
     aggregate: bool = False,
     python_renderer: bool = False,
 ) -> Iterator[str]:
-    """JSON lines of the selected comparisons in `fmt`; with `aggregate`, one line per task by majority.
+    """JSON lines of the selected comparisons in `fmt`; with `aggregate`, one line per task: the reviewer's
+    adjudication where the task has one (`annotator` "adjudicated"), else the majority vote ("majority";
+    a task whose vote is split evenly and not adjudicated is left out).
 
     On PostgreSQL, per-annotation rows are rendered by the database (`exports_sql`), several lines to a
     string; `python_renderer` forces the portable renderer (the two are tested equal).
@@ -184,25 +213,23 @@ def comparisons_export_lines(
         yield from export_lines_postgresql(filters=filters, fmt=fmt, margins=margins)
         return
     names: dict[int, str] = {}
-    pending: list[dict] = []  # votes of the task that straddles two chunks (aggregate mode)
-    pending_context: list[dict] = []
-
-    def flush() -> Iterator[str]:
-        if pending:
-            winner = _majority(pending)
-            if winner is not None:
-                yield _line(winner, pending_context, fmt, margins, annotator="majority", n_annotations=len(pending))
-
-    for rows, turns in _chunks(filters, by_task=aggregate):
-        for row in rows:
-            context = turns[row["task__dialogue_id"]][: row["task__context_length"]]
-            if not aggregate:
-                yield _line(row, context, fmt, margins, annotator=_pseudonym(row["annotator_id"], names), n_annotations=1)
-                continue
-            if pending and pending[0]["task_id"] != row["task_id"]:
-                yield from flush()
-                pending.clear()
-            pending.append(row)
-            pending_context = context
-    if aggregate:
-        yield from flush()
+    if not aggregate:
+        for rows, turns in _chunks(filters):
+            yield "".join(
+                _line(row, turns[row["task__dialogue_id"]][: row["task__context_length"]], fmt, margins,
+                      annotator=_pseudonym(row["annotator_id"], names), n_annotations=1)
+                for row in rows
+            )  # fmt: skip
+        return
+    for rows, turns, adjudications in _task_chunks(filters):
+        lines = []
+        for task_id, group in groupby(rows, key=lambda r: r["task_id"]):
+            votes = list(group)
+            context = turns[votes[0]["task__dialogue_id"]][: votes[0]["task__context_length"]]
+            if task_id in adjudications:
+                choice, strength, safety_label = adjudications[task_id]
+                row = {**votes[0], "choice": choice, "strength": strength, "safety_label": safety_label}
+                lines.append(_line(row, context, fmt, margins, annotator="adjudicated", n_annotations=len(votes)))
+            elif (winner := _majority(votes)) is not None:
+                lines.append(_line(winner, context, fmt, margins, annotator="majority", n_annotations=len(votes)))
+        yield "".join(lines)

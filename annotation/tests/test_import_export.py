@@ -163,6 +163,30 @@ def test_export_majority_aggregates_per_task(labelled_batch):
     assert split_task["strength"] == "better"
 
 
+@pytest.mark.parametrize("task_chunk", [700, 1, 3])  # pages of whole tasks: one page, one task a page, 3 + 1
+def test_export_aggregate_takes_the_adjudication_over_the_vote(labelled_batch, monkeypatch, task_chunk):
+    from annotation.services import exports
+    from annotation.services.review import adjudication_create
+
+    monkeypatch.setattr(exports, "TASK_CHUNK", task_chunk)
+    batch, tasks = labelled_batch
+    reviewer = annotator("rev", role=Role.REVIEWER)
+    adjudication_create(
+        reviewer=reviewer, reviewer_role=Role.REVIEWER, task_id=tasks[0].id, choice="b",
+        strength="negligibly_better", reason="B answers the question; A only restates it",
+    )  # fmt: skip
+    rows = export("batch=wk&aggregate=true")
+    assert [r["task_id"] for r in rows] == [t.id for t in tasks]
+    decided = rows[0]
+    assert (decided["choice"], decided["strength"], decided["annotator"]) == ("b", "negligibly_better", "adjudicated")
+    assert decided["chosen"] == decided["response_b"]["text"]
+    assert (decided["annotation_id"], decided["n_annotations"]) == (None, 3)
+    assert {(r["choice"], r["annotator"], r["n_annotations"]) for r in rows[1:]} == {("a", "majority", 3)}
+    trl = export("batch=wk&aggregate=true&format=trl")
+    assert trl[0]["chosen"][0]["content"] == tasks[0].response_b.text
+    assert trl[0]["margin"] == 0.0  # Table 27: negligibly better has no margin
+
+
 def test_export_split_filter_after_close(labelled_batch):
     batch, _ = labelled_batch
     assert export("batch=wk&split=test") == []

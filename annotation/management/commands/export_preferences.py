@@ -16,7 +16,7 @@ class Command(BaseCommand):
         parser.add_argument("--domain", choices=["helpfulness", "safety"])
         parser.add_argument("--split", choices=["train", "test"])
         parser.add_argument("--margin", default="small", choices=["none", "small", "large"])
-        parser.add_argument("--aggregate", action="store_true", help="one row per task by majority vote")
+        parser.add_argument("--aggregate", action="store_true", help="one row per task: the adjudication where there is one, else the majority vote")
         parser.add_argument("--include-gold", action="store_true")
         parser.add_argument("--out", required=True, help="output path, or - for standard output")
 
