@@ -119,3 +119,9 @@ def test_the_demo_works_for_every_demo_user(client):
     task = client.post("/annotate/next/", "{}", content_type="application/json").json()["task"]
     assert task["batch"] == "demo-week-1"
     assert task["response_a"]
+    safety = client.get("/guidelines/safety/").content.decode()
+    assert "<h1>Safety</h1>" in safety
+    assert "<td>both unsafe</td>" in safety  # the Markdown table rendered
+    Guideline.objects.filter(domain="safety").update(text="# Edited by an admin")
+    call_command("load_demo", stdout=open("/dev/null", "w"))  # noqa: SIM115
+    assert Guideline.objects.get(domain="safety").text == "# Edited by an admin"  # reloading keeps edits

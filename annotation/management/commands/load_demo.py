@@ -5,7 +5,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from annotation.models import AnnotatorProfile, Batch, PolicyVersion, Role
+from annotation.models import AnnotatorProfile, Batch, Guideline, PolicyVersion, Role
 from annotation.services.imports import ComparisonRecord, ResponseRecord, comparisons_store
 
 DEMO = Path(__file__).resolve().parents[2] / "demo_data.json"
@@ -20,7 +20,7 @@ PASSWORD = "demo-password"  # a laptop demo only; the production settings refuse
 
 
 class Command(BaseCommand):
-    help = "Load demo users, policies and comparisons written for the demo (idempotent)."
+    help = "Load demo users, policies, guidelines and comparisons written for the demo (idempotent)."
 
     @transaction.atomic
     def handle(self, *args, **options):
@@ -45,6 +45,9 @@ class Command(BaseCommand):
                     "is_current": p.get("current", False),
                 },
             )
+        admin = user_model.objects.get(username="admin")
+        for domain, text in data["guidelines"].items():  # an admin's later edits are kept
+            Guideline.objects.get_or_create(domain=domain, defaults={"text": text, "updated_by": admin})
         batch, created = Batch.objects.get_or_create(
             name="demo-week-1", defaults={"overlap": 2, "too_fast_seconds": 3}
         )
