@@ -8,12 +8,16 @@ from itertools import permutations
 def percent_agreement(units: Iterable[Sequence[Hashable]]) -> float | None:
     """Share of annotator pairs within the same unit that gave the same value; None without pairs."""
     agree = pairs = 0
-    for values in units:
-        counts = Counter(values)
+    for values, n_units in _distinct_units(units).items():
         m = len(values)
-        pairs += m * (m - 1) // 2
-        agree += sum(c * (c - 1) // 2 for c in counts.values())
+        pairs += n_units * (m * (m - 1) // 2)
+        agree += n_units * sum(c * (c - 1) // 2 for c in Counter(values).values())
     return agree / pairs if pairs else None
+
+
+def _distinct_units(units: Iterable[Sequence]) -> Counter:
+    """Units as sorted value tuples, counted: a batch of 100,000 tasks has only a few dozen distinct ones."""
+    return Counter(tuple(sorted(values)) for values in units)
 
 
 def krippendorff_alpha(units: Iterable[Sequence], *, level: str = "nominal") -> float | None:
@@ -25,12 +29,12 @@ def krippendorff_alpha(units: Iterable[Sequence], *, level: str = "nominal") -> 
     if level not in ("nominal", "ordinal"):
         raise ValueError(f"level must be 'nominal' or 'ordinal', got {level!r}")
     coincidence: dict[tuple, float] = defaultdict(float)
-    for values in units:
+    for values, n_units in _distinct_units(units).items():
         m = len(values)
         if m < 2:
             continue
         for a, b in permutations(values, 2):
-            coincidence[(a, b)] += 1.0 / (m - 1)
+            coincidence[(a, b)] += n_units / (m - 1)
     if not coincidence:
         return None
     marginals: dict = defaultdict(float)

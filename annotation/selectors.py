@@ -3,24 +3,26 @@
 from collections import defaultdict
 from datetime import datetime
 
+from django.core.cache import cache
 from django.db.models import Avg, Count, F, Q, Sum
 from django.db.models.functions import TruncDate
 
 from annotation.agreement import krippendorff_alpha, percent_agreement
-from annotation.models import Annotation, Batch, ComparisonTask, TaskStatus, Turn
-from annotation.scales import signed_preference
+from annotation.models import Annotation, Batch, BatchStatus, ComparisonTask, TaskStatus, Turn
+from annotation.scales import Choice, Strength, signed_preference
 
 
 def batch_agreement(batch: Batch) -> dict:
     """Agreement on non-gold tasks with two or more annotations: choice (nominal), signed strength (ordinal)."""
     choices: dict[int, list[str]] = defaultdict(list)
     signed: dict[int, list[int]] = defaultdict(list)
+    signed_of = {(c, s): signed_preference(c, s) for c in Choice for s in Strength}
     for task_id, choice, strength in Annotation.objects.filter(
         task__batch=batch, task__is_gold=False, task__annotation_count__gte=2
     ).values_list("task_id", "choice", "strength"):
         choices[task_id].append(choice)
         if strength:
-            signed[task_id].append(signed_preference(choice, strength))
+            signed[task_id].append(signed_of[choice, strength])
     return {
         "tasks_with_overlap": len(choices),
         "percent_agreement": percent_agreement(choices.values()),
@@ -71,6 +73,16 @@ def batch_stats(batch: Batch) -> dict:
         "agreement": batch_agreement(batch),
         "splits": dict(tasks.exclude(split="").values_list("split").annotate(n=Count("id")).values_list("split", "n")),
     }
+
+
+def batch_stats_cached(batch: Batch) -> dict:
+    """`batch_stats`, kept in the cache once the batch is closed (nothing can be annotated or imported into a
+    closed batch, and closing again after a re-open changes `closed_at`, hence the key). Open batches are
+    counted afresh."""
+    if batch.status != BatchStatus.CLOSED or batch.closed_at is None:
+        return batch_stats(batch)
+    key = f"batch-stats:v1:{batch.pk}:{batch.closed_at.isoformat()}"
+    return cache.get_or_set(key, lambda: batch_stats(batch), timeout=7 * 24 * 3600)
 
 
 def annotator_quality(*, batch: Batch | None = None, since: datetime | None = None) -> list[dict]:

@@ -76,3 +76,22 @@ def test_admin_close_action_fixes_the_split(client):
     batch.refresh_from_db()
     assert batch.status == "closed"
     assert batch.tasks.filter(split="test").count() == 1
+
+
+def test_dashboard_stats_of_a_closed_batch_come_from_the_cache_and_of_an_open_one_afresh(django_assert_num_queries):
+    from annotation.selectors import batch_stats, batch_stats_cached
+    from annotation.services.batches import batch_close
+
+    batch = BatchFactory(overlap=1)
+    make_tasks(batch, 3)
+    user = annotator()
+    lease = assignment_claim_next(user=user)
+    assert batch_stats_cached(batch)["annotations"] == 0
+    annotation_submit(user=user, task_id=lease.task_id, choice="a", strength="better", time_on_task_ms=9000)
+    assert batch_stats_cached(batch)["annotations"] == 1  # open: counted afresh
+    batch_close(batch_id=batch.id)
+    batch.refresh_from_db()
+    first = batch_stats_cached(batch)
+    assert first == batch_stats(batch)
+    with django_assert_num_queries(0):
+        assert batch_stats_cached(batch) == first

@@ -6,7 +6,7 @@ from django.views.decorators.http import require_POST
 
 from annotation.models import Batch, PolicyVersion, RewardModelVersion, RunStatus, TrainingRun
 from annotation.scales import Strength
-from annotation.selectors import annotator_quality, batch_stats
+from annotation.selectors import annotator_quality, batch_stats_cached
 from annotation.services.errors import AnnotationError
 from annotation.services.review import training_run_cancel
 
@@ -32,7 +32,7 @@ def _accuracy(value) -> float | None:
 def batch_panels(limit: int = 8) -> list[dict]:
     panels = []
     for batch in Batch.objects.order_by("-created_at", "-id")[:limit]:
-        stats = batch_stats(batch)
+        stats = batch_stats_cached(batch)
         days = [(d["date"][5:], d["annotations"]) for d in stats["throughput_per_day"][-14:]]
         panels.append(
             {
