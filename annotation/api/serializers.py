@@ -146,7 +146,9 @@ class ImportSerializer(serializers.Serializer):
 
 class ImportOutSerializer(serializers.Serializer):
     batch = serializers.CharField()
-    task_ids = serializers.ListField(child=serializers.IntegerField())
+    task_ids = serializers.ListField(child=serializers.IntegerField(), help_text="the task of each item, in order")
+    created = serializers.IntegerField(help_text="items stored as new tasks")
+    existing = serializers.IntegerField(help_text="items the batch held already (their existing task is given)")
 
 
 class PolicyVersionSerializer(serializers.ModelSerializer):

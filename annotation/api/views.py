@@ -182,11 +182,13 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
 
 
 class ImportView(APIView):
-    """Bulk import of model responses: two responses per prompt or dialogue; comparison tasks come back."""
+    """Bulk import of model responses: two responses per prompt or dialogue; comparison tasks come back, one
+    per item in order. An item already in the batch gets its existing task (201 when anything was created,
+    200 when every item was there already)."""
 
     permission_classes = [IsResearcher]
 
-    @extend_schema(request=s.ImportSerializer, responses={201: s.ImportOutSerializer})
+    @extend_schema(request=s.ImportSerializer, responses={201: s.ImportOutSerializer, 200: s.ImportOutSerializer})
     def post(self, request):
         data = s.ImportSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -211,8 +213,13 @@ class ImportView(APIView):
                     origin=f"items[{i}]",
                 )
             )
-        tasks = comparisons_store(batch=batch, records=records, author=request.user)
-        return Response({"batch": batch.name, "task_ids": [t.id for t in tasks]}, status=status.HTTP_201_CREATED)
+        stored = comparisons_store(batch=batch, records=records, author=request.user)
+        return Response(
+            {"batch": batch.name, "task_ids": [t.id for t in stored.tasks], "created": stored.created,
+             "existing": stored.existing},
+            # Posting the same items again (a retry after a lost response) creates nothing and says so.
+            status=status.HTTP_201_CREATED if stored.created else status.HTTP_200_OK,
+        )  # fmt: skip
 
 
 def _bool_param(request, name: str, default: bool) -> bool:

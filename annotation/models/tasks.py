@@ -78,11 +78,16 @@ class ComparisonTask(models.Model):
     opened_by = models.ForeignKey(
         "Annotation", null=True, blank=True, on_delete=models.SET_NULL, related_name="opened_tasks"
     )
+    # SHA-256 of what was imported (context, both responses and their policies, domain, gold answer): the
+    # same comparison imported into the same batch again is recognised and not stored twice. Empty for
+    # tasks opened by continuing a dialogue.
+    content_key = models.CharField(max_length=64, blank=True, default="", editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         indexes = [
             models.Index(fields=["batch", "status"]),
+            models.Index(fields=["batch", "content_key"], condition=~Q(content_key=""), name="task_content_key_idx"),
             models.Index(fields=["is_gold", "domain", "batch"], condition=Q(is_gold=True), name="task_gold_idx"),
         ]
         constraints = [

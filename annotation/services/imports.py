@@ -1,9 +1,13 @@
 """Bulk storage of comparisons: model responses posted by workers, and preference files imported.
 
 Everything arrives as `ComparisonRecord`s (parsed and validated before anything is written) and is
-stored in one transaction with bulk inserts: an import is all or nothing.
+stored in one transaction with bulk inserts: an import is all or nothing. A comparison already in the
+batch (same context, responses, policies, domain and gold answer) is not stored again: importing a file
+twice, or a model worker posting the same items again after a lost response, changes nothing.
 """
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -71,6 +75,26 @@ class ComparisonRecord:
     votes: tuple[VoteRecord, ...] = ()
     source: str = "api"
     origin: str = ""  # where it came from, for error messages: "line 12", "items[3]"
+
+    def content_key(self) -> str:
+        """What identifies the comparison within a batch (not the votes, the source or the sampling)."""
+        content = [self.domain, self.turns, self.response_a.text, self.response_a.policy_version,
+                   self.response_b.text, self.response_b.policy_version, self.gold_choice]  # fmt: skip
+        return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredComparisons:
+    """The task of each record, in order; `created` of them are new (with `annotations` imported votes), the
+    rest were in the batch already."""
+
+    tasks: list[ComparisonTask]
+    created: int
+    annotations: int
+
+    @property
+    def existing(self) -> int:
+        return len(self.tasks) - self.created
 
 
 def check_record(r: ComparisonRecord) -> None:
@@ -152,13 +176,38 @@ def _external_annotators(names: set[str]) -> dict[str, object]:
 @transaction.atomic
 def comparisons_store(
     *, batch: Batch, records: Sequence[ComparisonRecord], create_external_policies: bool = False, author=None
-) -> list[ComparisonTask]:
-    """Store records as comparison tasks of `batch` (with their imported annotations); all or nothing."""
+) -> StoredComparisons:
+    """Store records as comparison tasks of `batch` (with their imported annotations); all or nothing.
+
+    Records whose comparison the batch holds already are not stored again (nor are their votes): their
+    existing task is returned in their place. The batch row is locked, so two imports into one batch
+    cannot both store the same comparison.
+    """
     for r in records:
         check_record(r)
     batch = Batch.objects.select_for_update().get(pk=batch.pk)
     if batch.status != BatchStatus.OPEN:
         raise BatchClosed(f"batch {batch.name!r} is closed; import into an open batch")
+    keys = [r.content_key() for r in records]
+    existing: dict[str, ComparisonTask] = {}
+    for i in range(0, len(keys), 5000):
+        for task in ComparisonTask.objects.filter(batch=batch, content_key__in=keys[i : i + 5000]).order_by("-id"):
+            existing[task.content_key] = task  # the first stored wins, should the batch hold one twice
+    fresh = [i for i, key in enumerate(keys) if key not in existing]
+    created = iter(_tasks_create(batch, [records[i] for i in fresh], [keys[i] for i in fresh], create_external_policies, author))  # fmt: skip
+    return StoredComparisons(
+        tasks=[existing[k] if k in existing else next(created) for k in keys],
+        created=len(fresh),
+        annotations=sum(len(records[i].votes) for i in fresh),
+    )
+
+
+def _tasks_create(
+    batch: Batch, records: list[ComparisonRecord], keys: list[str], create_external_policies: bool, author
+) -> list[ComparisonTask]:
+    """Bulk-insert prompts, dialogues, turns, responses, tasks with their slots, and imported annotations."""
+    if not records:
+        return []
     policies = policies_resolve(
         {r.response_a.policy_version for r in records} | {r.response_b.policy_version for r in records},
         create_external=create_external_policies,
@@ -209,6 +258,7 @@ def comparisons_store(
                 annotation_count=len(r.votes),
                 is_gold=bool(r.gold_choice),
                 gold_choice=r.gold_choice,
+                content_key=keys[i],
             )
             for i, (r, d) in enumerate(zip(records, dialogues, strict=True))
         ],

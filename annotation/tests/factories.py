@@ -1,7 +1,7 @@
 import factory
 from django.contrib.auth import get_user_model
 
-from annotation.models import AnnotatorProfile, Batch, PolicyVersion, Role
+from annotation.models import AnnotatorProfile, Batch, ComparisonTask, PolicyVersion, Role
 from annotation.services.imports import ComparisonRecord, ResponseRecord, comparisons_store
 
 
@@ -49,8 +49,10 @@ class PolicyFactory(factory.django.DjangoModelFactory):
 
 
 def make_tasks(batch, n: int, *, domain: str = "helpfulness", gold: bool = False, votes=()):
-    """Store `n` single-turn comparisons in `batch` through the import service."""
+    """Store `n` new single-turn comparisons in `batch` through the import service (numbered on from the
+    batch's tasks, so that a second call adds comparisons rather than finding the first call's)."""
     PolicyFactory(name="SFT")
+    first = ComparisonTask.objects.filter(batch=batch).count()
     records = [
         ComparisonRecord(
             turns=(("user", f"{domain} prompt {i}"),),
@@ -61,6 +63,6 @@ def make_tasks(batch, n: int, *, domain: str = "helpfulness", gold: bool = False
             gold_choice="a" if gold else "",
             votes=tuple(votes),
         )
-        for i in range(n)
+        for i in range(first, first + n)
     ]
-    return comparisons_store(batch=batch, records=records)
+    return comparisons_store(batch=batch, records=records).tasks

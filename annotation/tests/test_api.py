@@ -207,6 +207,32 @@ def test_bulk_import_is_all_or_nothing(researcher):
     assert "turn 1" in bad_turns.json()["detail"]
 
 
+def test_posting_the_same_items_again_returns_their_tasks_and_creates_nothing(researcher):
+    BatchFactory(name="week-10")
+    PolicyFactory(name="SFT")
+    items = [
+        {"prompt": f"Question {i}", "domain": "helpfulness",
+         "responses": [{"text": f"Answer {i}", "policy_version": "SFT"}, {"text": "Dunno", "policy_version": "SFT"}]}
+        for i in range(3)
+    ]  # fmt: skip
+    client = client_for(researcher)
+    first = client.post("/api/v1/comparisons/import/", {"batch": "week-10", "items": items[:2]}, format="json")
+    assert (first.status_code, first.json()["created"], first.json()["existing"]) == (201, 2, 0)
+    retry = client.post("/api/v1/comparisons/import/", {"batch": "week-10", "items": items[:2]}, format="json")
+    assert (retry.status_code, retry.json()["created"], retry.json()["existing"]) == (200, 0, 2)
+    assert retry.json()["task_ids"] == first.json()["task_ids"]
+    more = client.post("/api/v1/comparisons/import/", {"batch": "week-10", "items": items[::-1]}, format="json")
+    assert (more.status_code, more.json()["created"], more.json()["existing"]) == (201, 1, 2)
+    assert more.json()["task_ids"][1:] == first.json()["task_ids"][::-1]
+    assert ComparisonTask.objects.count() == 3
+    assert Response.objects.count() == 6
+    other_policy = {**items[0], "responses": [{"text": "Answer 0", "policy_version": "SFT"},
+                                              {"text": "Dunno", "policy_version": "RLHF-V1"}]}  # fmt: skip
+    PolicyFactory(name="RLHF-V1")
+    client.post("/api/v1/comparisons/import/", {"batch": "week-10", "items": [other_policy]}, format="json")
+    assert ComparisonTask.objects.count() == 4  # same texts from another policy: another comparison
+
+
 def test_roles_guard_batches_import_and_export(researcher):
     worker = annotator()
     assert client_for(worker).post("/api/v1/batches/", {"name": "x"}).status_code == 403

@@ -78,6 +78,18 @@ def test_import_command_is_all_or_nothing_and_names_the_line(tmp_path):
     assert not ComparisonTask.objects.exists()
 
 
+def test_importing_a_file_twice_stores_it_once(shared_data, capsys):
+    path = str(shared_data / "oasst-trees/en_100_tree.jsonl")
+    call_command("import_preferences", path, format="oasst", domain="helpfulness", batch="oasst")
+    counts = (ComparisonTask.objects.count(), Annotation.objects.count(), Prompt.objects.count())
+    assert counts[0] == 754
+    call_command("import_preferences", path, format="oasst", domain="helpfulness", batch="oasst")
+    assert (ComparisonTask.objects.count(), Annotation.objects.count(), Prompt.objects.count()) == counts
+    assert "imported 0 comparisons with 0 annotations" in capsys.readouterr().out
+    call_command("import_preferences", path, format="oasst", domain="helpfulness", batch="another")
+    assert ComparisonTask.objects.count() == 2 * 754  # another batch is another collection
+
+
 def test_import_then_export_round_trips_through_native(shared_data, tmp_path):
     call_command(
         "import_preferences", str(shared_data / "oasst-trees/en_100_tree.jsonl"),

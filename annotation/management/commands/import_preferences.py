@@ -36,10 +36,12 @@ class Command(BaseCommand):
             raise CommandError(f"{path}: no comparisons found")
         batch_obj, created = Batch.objects.get_or_create(name=batch, defaults={"overlap": overlap})
         try:
-            tasks = comparisons_store(batch=batch_obj, records=records, create_external_policies=True)
+            stored = comparisons_store(batch=batch_obj, records=records, create_external_policies=True)
         except AnnotationError as e:
             if created:
                 batch_obj.delete()
             raise CommandError(f"{path}: {e.message}") from None
-        votes = sum(len(r.votes) for r in records)
-        self.stdout.write(f"imported {len(tasks)} comparisons with {votes} annotations into batch {batch!r}")
+        message = f"imported {stored.created} comparisons with {stored.annotations} annotations into batch {batch!r}"
+        if stored.existing:
+            message += f"; {stored.existing} were in the batch already and were left as they were"
+        self.stdout.write(message)
