@@ -7,7 +7,8 @@ Differences from Meta's file, all behaviour-preserving:
   buffer, so `model.to(torch.bfloat16)` cannot round it;
 - attention through `F.scaled_dot_product_attention` with grouped-query attention done by the kernel
   (`enable_gqa`) rather than by copying the key/value heads (`repeat_kv`, kept as the definition);
-- an optional per-token `attention_mask` for padded batches.
+- an optional per-token `attention_mask` for padded batches;
+- an optional `targets` argument that returns the training loss without materialising the logits.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from training.llama.loss import linear_cross_entropy
 
 
 @dataclass
@@ -416,10 +419,22 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> torch.Tensor:
-        """Logits (bsz, seqlen, vocab_size) of tokens (bsz, seqlen); see `forward_hidden` for the arguments."""
+        """Logits (bsz, seqlen, vocab_size) of tokens (bsz, seqlen); see `forward_hidden` for the arguments.
+
+        With `targets` (bsz, seqlen), the token each position should predict (`ignore_index` for none), the
+        mean cross-entropy instead, a float32 scalar equal to `F.cross_entropy` of the logits, computed a
+        chunk of tokens at a time so that the (bsz, seqlen, vocab_size) logits never exist (see `loss.py`).
+        """
         h = self.forward_hidden(tokens, start_pos=start_pos, kv_cache=kv_cache, attention_mask=attention_mask)
-        return self.output(h)
+        if targets is None:
+            return self.output(h)
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {tuple(targets.shape)}")
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output.weight, targets.reshape(-1),
+                                    ignore_index=ignore_index)
 
 
 def fsdp_wrap_policy() -> Any:

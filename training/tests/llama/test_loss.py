@@ -1,0 +1,118 @@
+"""The chunked linear cross-entropy: the value and gradients of F.cross_entropy on the full logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.llama.loss import linear_cross_entropy
+from training.llama.model import ModelArgs, Transformer
+
+
+def reference_and_ours(n_tokens, dim, vocab_size, chunk_size, *, ignore=(), scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_tokens, dim, generator=g)
+    weight = torch.randn(vocab_size, dim, generator=g) * 0.5
+    targets = torch.randint(0, vocab_size, (n_tokens,), generator=g)
+    targets[list(ignore)] = -100
+    results = []
+    for fused in (False, True):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        if fused:
+            loss = linear_cross_entropy(h, w, targets, chunk_size=chunk_size)
+        else:
+            loss = F.cross_entropy(h @ w.t(), targets)
+        (loss * scale).backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    return results
+
+
+@pytest.mark.parametrize(("n_tokens", "chunk_size"), [(37, 8), (37, 37), (37, 1000), (64, 16), (5, 1)])
+def test_value_and_gradients_equal_cross_entropy_on_full_logits(n_tokens, chunk_size):
+    (ref_loss, ref_h, ref_w), (loss, grad_h, grad_w) = reference_and_ours(n_tokens, 24, 101, chunk_size)
+    assert ref_loss > 1.0  # random logits of a wide head: a loss well away from zero
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_h, ref_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-5)
+
+
+def test_ignore_index_and_a_scaled_loss():
+    """Ignored targets add no loss and no gradient; the mean is over the others; grad_output scales both grads."""
+    (ref_loss, ref_h, ref_w), (loss, grad_h, grad_w) = reference_and_ours(
+        30, 16, 50, chunk_size=7, ignore=(0, 3, 4, 29), scale=2.5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_h, ref_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-5)
+    assert grad_h[[0, 3, 4, 29]].abs().max() == 0
+
+
+def test_no_grad_gives_the_loss_and_backward_runs_once():
+    hidden = torch.randn(12, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    targets = torch.randint(0, 20, (12,))
+    with torch.no_grad():
+        value = linear_cross_entropy(hidden, weight, targets, chunk_size=5)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, F.cross_entropy(hidden @ weight.t(), targets).detach())
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_size=5)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 6), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets must have shape"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk_size=0)
+
+
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16))
+    model.init_weights(std=0.2)
+    return model.train()
+
+
+def test_model_targets_give_the_loss_and_gradients_of_its_logits():
+    """model(tokens, targets=...) is F.cross_entropy of model(tokens): the value and every parameter's gradient."""
+    model = tiny_model()
+    data = torch.randint(0, 97, (3, 41), generator=torch.Generator().manual_seed(1))
+    tokens, targets = data[:, :-1], data[:, 1:].clone()
+    targets[0, :5] = -100  # e.g. a prompt that is not trained on
+
+    def loss_and_grads(fused):
+        model.zero_grad(set_to_none=True)
+        if fused:
+            loss = model(tokens, targets=targets)
+        else:
+            loss = F.cross_entropy(model(tokens).reshape(-1, 97), targets.reshape(-1))
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    ref_loss, ref_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert loss.shape == ()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="targets must have the shape of tokens"):
+        model(tokens, targets=targets[:, :-1])
+
+
+def test_bfloat16_model_loss_is_close_to_float32():
+    model = tiny_model()
+    data = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(2))
+    reference = model(data[:, :-1], targets=data[:, 1:])
+    reference.backward()
+    reference_grad = model.output.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    model.to(torch.bfloat16)
+    loss = model(data[:, :-1], targets=data[:, 1:])
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert model.output.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, reference.detach(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(model.output.weight.grad.float(), reference_grad, atol=0.01, rtol=0.1)
