@@ -118,6 +118,12 @@ def _task_chunks(filters: ExportFilters) -> Iterator[tuple[list[dict], dict[int,
         yield rows, _turns_of(rows), adjudications
 
 
+def comparisons_export_count(*, filters: ExportFilters, aggregate: bool = False) -> int:
+    """How many lines an export will have, at most (aggregated: tasks with a vote; an even split is left out)."""
+    qs = _queryset(filters)
+    return qs.values("task_id").distinct().count() if aggregate else qs.count()
+
+
 def _transcript(messages: list[dict], reply: str) -> str:
     """Anthropic's HH-RLHF transcript layout."""
     parts = [f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]

@@ -199,6 +199,17 @@ def test_export_aggregate_takes_the_adjudication_over_the_vote(labelled_batch, m
     assert trl[0]["margin"] == 0.0  # Table 27: negligibly better has no margin
 
 
+def test_export_count_gives_the_progress_bar_its_total(labelled_batch, tmp_path):
+    from annotation.services.exports import ExportFilters, comparisons_export_count
+
+    assert comparisons_export_count(filters=ExportFilters(batch="wk")) == len(export("batch=wk")) == 12
+    assert comparisons_export_count(filters=ExportFilters(batch="wk", include_gold=True)) == 15
+    assert comparisons_export_count(filters=ExportFilters(batch="wk"), aggregate=True) == 4
+    out = tmp_path / "wk.jsonl"
+    call_command("export_preferences", batch="wk", aggregate=True, out=str(out))
+    assert len(out.read_text().splitlines()) == 4
+
+
 def test_export_split_filter_after_close(labelled_batch):
     batch, _ = labelled_batch
     assert export("batch=wk&split=test") == []

@@ -2,9 +2,15 @@ import sys
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
 from annotation.services.errors import AnnotationError
-from annotation.services.exports import FORMATS, ExportFilters, comparisons_export_lines
+from annotation.services.exports import (
+    FORMATS,
+    ExportFilters,
+    comparisons_export_count,
+    comparisons_export_lines,
+)
 
 
 class Command(BaseCommand):
@@ -37,8 +43,14 @@ class Command(BaseCommand):
             else:
                 out = Path(o["out"])
                 tmp = out.with_name(out.name + ".partial")
-                with tmp.open("w", encoding="utf-8") as f:
-                    n = sum(f.write(chunk) and chunk.count("\n") for chunk in lines)
+                total = comparisons_export_count(filters=filters, aggregate=o["aggregate"])
+                # A bar on a terminal (tqdm leaves it out when stderr is not one).
+                with tmp.open("w", encoding="utf-8") as f, tqdm(total=total, unit=" rows", disable=None) as bar:
+                    n = 0
+                    for chunk in lines:
+                        f.write(chunk)
+                        n += (rows := chunk.count("\n"))
+                        bar.update(rows)
                 tmp.replace(out)  # a crash never leaves half an export under the real name
         except AnnotationError as e:
             raise CommandError(e.message) from None
