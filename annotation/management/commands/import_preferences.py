@@ -34,6 +34,7 @@ class Command(BaseCommand):
             self.stderr.write(f"skipped {path}: {message}")
         if not records:
             raise CommandError(f"{path}: no comparisons found")
+        self.stderr.write(f"read {len(records)} comparisons from {path}; storing them in one transaction")
         batch_obj, created = Batch.objects.get_or_create(name=batch, defaults={"overlap": overlap})
         try:
             stored = comparisons_store(batch=batch_obj, records=records, create_external_policies=True)
