@@ -1,6 +1,6 @@
 """Training-step throughput and peak memory: training.llama vs transformers.LlamaForCausalLM, same weights.
 
-    .venv/bin/python benchmarks/llama_train_step.py [--threads 2] [--rounds 3]
+    .venv/bin/python benchmarks/llama_train_step.py [--threads 2] [--rounds 3] [--fused-loss] [--malloc-tuned] [--compile]
 
 A step is forward + next-token cross-entropy + backward on a batch of packed rows (random-token documents,
 each BOS ... EOS, concatenated and cut to seq_len + 1; no document-boundary masking, as Llama 2 trains).
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -88,26 +90,48 @@ def child(opts: argparse.Namespace) -> None:
             model.set_activation_checkpointing(True)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if opts.compile:
+        # the same granularity on both sides: each decoder block through torch.compile (inductor)
+        if opts.impl == "ours":
+            model.compile_blocks()
+        else:
+            for layer in model.model.layers:
+                layer.compile()
     inputs, targets = packed_batch(opts.batch, opts.seq_len, vocab_size, seed=0)
 
     def step() -> float:
-        logits = logits_of(inputs)
-        loss = F.cross_entropy(logits.view(-1, vocab_size).float(), targets.view(-1))
+        if opts.fused_loss and opts.impl == "ours":
+            # the loss without the (batch, seq_len, vocab) logits: training.llama.loss.linear_cross_entropy
+            loss = model(inputs, targets=targets)
+        else:
+            logits = logits_of(inputs)
+            loss = F.cross_entropy(logits.view(-1, vocab_size).float(), targets.view(-1))
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.item()
 
     rss_loaded = start_peak_window(model)
-    losses = [step() for _ in range(opts.warmup)]
-    times = []
+    t0 = time.perf_counter()
+    losses = [step()]  # with --compile, the compilation happens here, forward and backward
+    first_step_s = time.perf_counter() - t0
+    losses += [step() for _ in range(opts.warmup - 1)]
+    times, user, system = [], [], []
     for _ in range(opts.steps):
-        t0 = time.perf_counter()
+        c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         losses.append(step())
-        times.append(time.perf_counter() - t0)
+        c1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        times.append(t1 - t0)
+        user.append(c1.ru_utime - c0.ru_utime)
+        system.append(c1.ru_stime - c0.ru_stime)
     peak = proc_status_bytes("VmHWM")
     print(json.dumps({
+        "first_step_s": first_step_s,
         "step_s": statistics.median(times),
         "tokens_per_s": opts.batch * opts.seq_len / statistics.median(times),
+        # CPU seconds of this process per step (all threads), user and kernel (page faults of fresh memory);
+        # less disturbed than wall time when other jobs share the cores
+        "user_s": statistics.median(user),
+        "sys_s": statistics.median(system),
         "first_loss": losses[0],
         "peak_rss_mib": peak / 2**20,
         "peak_over_loaded_mib": (peak - rss_loaded) / 2**20,
@@ -124,10 +148,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--fused-loss", action="store_true",
+                        help="ours computes the loss with model(inputs, targets=...), chunked, without the logits; "
+                             "transformers keeps F.cross_entropy on its logits (it has no CPU equivalent)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each decoder block on both sides (ours: model.compile_blocks())")
+    parser.add_argument("--malloc-tuned", action="store_true",
+                        help="both children run with glibc's malloc keeping freed memory (MALLOC_MMAP_THRESHOLD_, "
+                             "MALLOC_TRIM_THRESHOLD_), so big tensors reuse pages instead of faulting in fresh ones")
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -144,24 +176,35 @@ def main() -> None:
     args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
                      vocab_size=opts.vocab, max_seq_len=max(2048, opts.seq_len))
     torch.manual_seed(0)
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_checkpoint(Transformer(args), tmp)
         n_params = sum(p.numel() for p in Transformer(args, device="meta").parameters())
         results: dict[str, list[dict]] = {"ours": [], "hf": []}
+        flags = ("activation_checkpointing", "fused_loss", "malloc_tuned", "compile")
         passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(opts).items()
-                       if k not in ("impl", "checkpoint", "activation_checkpointing") and v is not None]
-        if opts.activation_checkpointing:
-            passthrough.append("--activation-checkpointing")
+                       if k not in ("impl", "checkpoint", *flags) and v is not None]
+        passthrough += [f"--{k.replace('_', '-')}" for k in flags if getattr(opts, k)]
+        env = dict(os.environ)
+        if opts.malloc_tuned:
+            # Every allocation from the heap, none handed back: the same setting for both implementations.
+            env.update(MALLOC_MMAP_THRESHOLD_=str(2**40), MALLOC_TRIM_THRESHOLD_=str(2**40))
         for _ in range(opts.rounds):
             for impl in ("ours", "hf"):
                 out = subprocess.run([sys.executable, __file__, *passthrough, f"--impl={impl}",
-                                      f"--checkpoint={tmp}"], check=True, capture_output=True, text=True).stdout
+                                      f"--checkpoint={tmp}"], check=True, capture_output=True, text=True,
+                                     env=env).stdout
                 results[impl].append(json.loads(out.strip().splitlines()[-1]))
 
     def summary(runs: list[dict]) -> dict:
         return {
             "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs), 1),
             "step_s": round(statistics.median(r["step_s"] for r in runs), 4),
+            # the first child's first step: with --compile, a cold compilation (later children hit
+            # inductor's on-disk cache)
+            "first_step_s": [round(r["first_step_s"], 2) for r in runs],
+            "user_s": round(statistics.median(r["user_s"] for r in runs), 3),
+            "sys_s": round(statistics.median(r["sys_s"] for r in runs), 3),
             "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs), 1),
             "peak_over_loaded_mib": round(max(r["peak_over_loaded_mib"] for r in runs), 1),
             "first_loss": round(runs[0]["first_loss"], 5),
@@ -175,6 +218,10 @@ def main() -> None:
         "ours": ours,
         "transformers": hf,
         "speedup": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
+        "cpu_time_ratio": round((hf["user_s"] + hf["sys_s"]) / max(ours["user_s"] + ours["sys_s"], 1e-9), 3),
+        # 1/5/15-minute load averages before and after (the machine has other users)
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "memory_ratio_over_loaded": round(ours["peak_over_loaded_mib"] / hf["peak_over_loaded_mib"], 3),
     }, indent=2))
 

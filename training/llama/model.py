@@ -138,11 +138,27 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor,
     exp(i * pos * theta_i), in float32. One complex product is also much faster, forward and backward, than
     the same rotation written with real cos/sin and a stack of the even/odd halves.
     """
+    if torch.compiler.is_compiling():
+        return _apply_rotary_emb_real(xq, freqs_cis), _apply_rotary_emb_real(xk, freqs_cis)
     xq_ = torch.view_as_complex(xq.float().unflatten(-1, (-1, 2)))  # (bsz, n_heads, seqlen, head_dim // 2)
     xk_ = torch.view_as_complex(xk.float().unflatten(-1, (-1, 2)))
     xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(-2)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(-2)
     return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def _apply_rotary_emb_real(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """The same rotation as `apply_rotary_emb`'s complex product, in real arithmetic, for torch.compile.
+
+    Inductor generates no code for complex operators (it falls back to eager kernels), but fuses this into one
+    loop, forward and backward.
+    """
+    cos_sin = torch.view_as_real(freqs_cis)  # (seqlen, head_dim // 2, 2)
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, n_heads, seqlen, head_dim // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -293,6 +309,7 @@ class Transformer(nn.Module):
         self.vocab_size = args.vocab_size
         self.n_layers = args.n_layers
         self.activation_checkpointing = False
+        self._compiled_layers: list[Any] | None = None  # see compile_blocks
 
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
@@ -336,6 +353,17 @@ class Transformer(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.activation_checkpointing = enabled
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """Run each `TransformerBlock` through `torch.compile` (with `compile_kwargs`) where there is no KV cache.
+
+        For training: inductor fuses what lies between the matrix products (RMSNorm, the rotary embedding,
+        SwiGLU's silu * w3, the residual adds), forward and backward. Every block has the same code and shapes,
+        so one compilation serves them all; it happens on the first call (minutes on a small CPU). Calls with
+        a KV cache (generation) stay eager, so decoding's changing lengths cause no recompilation. The
+        compiled wrappers share the blocks' parameters: `state_dict` and checkpoints are unchanged.
+        """
+        self._compiled_layers = [torch.compile(layer, **compile_kwargs) for layer in self.layers]
 
     def new_kv_cache(self, bsz: int, max_seq_len: int | None = None) -> KVCache:
         """An empty cache on this model's device and dtype for `bsz` sequences of up to `max_seq_len` tokens."""
@@ -405,7 +433,8 @@ class Transformer(nn.Module):
         mask = self._attention_mask(bsz, seqlen, start_pos, kv_cache, attention_mask)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         freqs_cis = self.freqs_cis(h.device)[start_pos:end]  # (seqlen, head_dim // 2)
-        for layer in self.layers:
+        layers = self.layers if self._compiled_layers is None or kv_cache is not None else self._compiled_layers
+        for layer in layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, freqs_cis, mask, start_pos, kv_cache, use_reentrant=False)
             else:
