@@ -4,7 +4,7 @@ from collections import defaultdict
 from datetime import datetime
 
 from django.core.cache import cache
-from django.db.models import Avg, Count, F, Q, Sum
+from django.db.models import Avg, Count, F, Max, Q, Sum
 from django.db.models.functions import TruncDate
 
 from annotation.agreement import krippendorff_alpha, percent_agreement
@@ -76,13 +76,17 @@ def batch_stats(batch: Batch) -> dict:
 
 
 def batch_stats_cached(batch: Batch) -> dict:
-    """`batch_stats`, kept in the cache once the batch is closed (nothing can be annotated or imported into a
-    closed batch, and closing again after a re-open changes `closed_at`, hence the key). Open batches are
-    counted afresh."""
+    """`batch_stats` for the dashboard: a closed batch's are kept in the cache for five minutes, keyed on its
+    closing time and on the count and last id of its annotations and tasks (so a submit that raced the
+    close, or an admin adding or deleting rows, gives a new key; an admin's edit of a row shows within five
+    minutes). Open batches are counted afresh."""
     if batch.status != BatchStatus.CLOSED or batch.closed_at is None:
         return batch_stats(batch)
-    key = f"batch-stats:v1:{batch.pk}:{batch.closed_at.isoformat()}"
-    return cache.get_or_set(key, lambda: batch_stats(batch), timeout=7 * 24 * 3600)
+    annotations = Annotation.objects.filter(task__batch=batch).aggregate(n=Count("id"), last=Max("id"))
+    tasks = ComparisonTask.objects.filter(batch=batch).aggregate(n=Count("id"), last=Max("id"))
+    fingerprint = f"{annotations['n']}-{annotations['last']}-{tasks['n']}-{tasks['last']}"
+    key = f"batch-stats:v2:{batch.pk}:{batch.closed_at.isoformat()}:{fingerprint}"
+    return cache.get_or_set(key, lambda: batch_stats(batch), timeout=300)
 
 
 def annotator_quality(*, batch: Batch | None = None, since: datetime | None = None) -> list[dict]:

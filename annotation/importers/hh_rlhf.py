@@ -2,6 +2,7 @@
 the last assistant reply. HH-RLHF records a preference without a strength."""
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -27,9 +28,10 @@ def parse_transcript(text: str, where: str, field: str) -> list[tuple[str, str]]
     return turns
 
 
-def _a_is_chosen(lineno: int, context: str) -> bool:
-    """Place the chosen reply on side A or B by a hash, so the position carries no signal."""
-    return hashlib.sha256(f"{lineno}:{context}".encode()).digest()[0] % 2 == 0
+def _a_is_chosen(context: tuple, chosen: str, rejected: str) -> bool:
+    """Place the chosen reply on side A or B by a hash of the pair, so that the position carries no signal
+    and the same pair lands on the same sides wherever it is in a file (an import is recognised again)."""
+    return hashlib.sha256(json.dumps([context, chosen, rejected], ensure_ascii=False).encode()).digest()[0] % 2 == 0
 
 
 def parse(
@@ -40,13 +42,13 @@ def parse(
     for lineno, obj in jsonl_objects(path):
         where = f"line {lineno}"
         try:
-            records.append(_record(lineno, obj, where, domain))
+            records.append(_record(obj, where, domain))
         except ImportFormatError as e:
             skipped.guard(skip_invalid, e)
     return records
 
 
-def _record(lineno: int, obj: dict, where: str, domain: str) -> ComparisonRecord:
+def _record(obj: dict, where: str, domain: str) -> ComparisonRecord:
     chosen = parse_transcript(require_str(obj, "chosen", where), where, "chosen")
     rejected = parse_transcript(require_str(obj, "rejected", where), where, "rejected")
     if chosen[:-1] != rejected[:-1]:
@@ -55,7 +57,7 @@ def _record(lineno: int, obj: dict, where: str, domain: str) -> ComparisonRecord
     good, bad = ResponseRecord(chosen[-1][1], POLICY), ResponseRecord(rejected[-1][1], POLICY)
     if not good.text or not bad.text:
         raise ImportFormatError(where, "chosen" if not good.text else "rejected", "the final reply is empty")
-    a_chosen = _a_is_chosen(lineno, context[0][1])
+    a_chosen = _a_is_chosen(context, good.text, bad.text)
     return ComparisonRecord(
         turns=context,
         response_a=good if a_chosen else bad,

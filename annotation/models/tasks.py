@@ -87,10 +87,13 @@ class ComparisonTask(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["batch", "status"]),
-            models.Index(fields=["batch", "content_key"], condition=~Q(content_key=""), name="task_content_key_idx"),
             models.Index(fields=["is_gold", "domain", "batch"], condition=Q(is_gold=True), name="task_gold_idx"),
         ]
         constraints = [
+            # A comparison is stored once per batch (see annotation.services.imports.comparison_content_key).
+            models.UniqueConstraint(
+                fields=["batch", "content_key"], condition=~Q(content_key=""), name="task_content_unique_in_batch"
+            ),
             models.CheckConstraint(condition=Q(status__in=TaskStatus.values), name="task_status_valid"),
             models.CheckConstraint(condition=Q(domain__in=["helpfulness", "safety"]), name="task_domain_valid"),
             models.CheckConstraint(condition=Q(required_annotations__gte=1), name="task_overlap_positive"),

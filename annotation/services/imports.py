@@ -9,7 +9,7 @@ twice, or a model worker posting the same items again after a lost response, cha
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from django.contrib.auth import get_user_model
@@ -33,7 +33,7 @@ from annotation.models import (
     Turn,
 )
 from annotation.models.registry import PolicyKind
-from annotation.scales import SafetyLabel, Strength
+from annotation.scales import MAX_TIME_ON_TASK_MS, SafetyLabel, Strength
 
 from .dialogues import check_domain_and_risk, slots_for
 from .errors import BatchClosed, InvalidInput
@@ -77,10 +77,24 @@ class ComparisonRecord:
     origin: str = ""  # where it came from, for error messages: "line 12", "items[3]"
 
     def content_key(self) -> str:
-        """What identifies the comparison within a batch (not the votes, the source or the sampling)."""
-        content = [self.domain, self.turns, self.response_a.text, self.response_a.policy_version,
-                   self.response_b.text, self.response_b.policy_version, self.gold_choice]  # fmt: skip
-        return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+        return comparison_content_key(
+            domain=self.domain,
+            turns=self.turns,
+            response_a=(self.response_a.text, self.response_a.policy_version),
+            response_b=(self.response_b.text, self.response_b.policy_version),
+            gold_choice=self.gold_choice,
+        )
+
+
+def comparison_content_key(
+    *, domain: str, turns: Sequence[tuple[str, str]], response_a: tuple[str, str], response_b: tuple[str, str],
+    gold_choice: str,
+) -> str:  # fmt: skip
+    """What identifies a comparison within a batch: the context's (role, text) turns, each side's (text,
+    policy name) in its position, the domain and the gold answer; not the votes, the risk category, the
+    source or the sampling settings. The same two responses in swapped positions are another comparison."""
+    content = [domain, [list(t) for t in turns], list(response_a), list(response_b), gold_choice]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,12 @@ def check_record(r: ComparisonRecord) -> None:
         if v.safety_label not in ("", *SAFETY_LABELS):
             raise InvalidInput(
                 f"{where}: safety_label must be one of {SAFETY_LABELS}, got {v.safety_label!r}", field="safety_label"
+            )
+        t = v.time_on_task_ms
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_TIME_ON_TASK_MS):
+            raise InvalidInput(
+                f"{where}: time_on_task_ms must be an integer from 0 to {MAX_TIME_ON_TASK_MS} (a day), got {t!r}",
+                field="time_on_task_ms",
             )
 
 
@@ -179,26 +199,41 @@ def comparisons_store(
 ) -> StoredComparisons:
     """Store records as comparison tasks of `batch` (with their imported annotations); all or nothing.
 
-    Records whose comparison the batch holds already are not stored again (nor are their votes): their
-    existing task is returned in their place. The batch row is locked, so two imports into one batch
-    cannot both store the same comparison.
+    A comparison is stored once per batch (see `comparison_content_key`): a record whose comparison the
+    batch holds already gets the existing task, and its votes are not stored again; records repeated
+    within the call become one task carrying the votes of every distinct annotator among them. The batch
+    row is locked, so two imports into one batch cannot both store the same comparison (and the database
+    holds the key unique per batch).
     """
     for r in records:
         check_record(r)
-    batch = Batch.objects.select_for_update().get(pk=batch.pk)
-    if batch.status != BatchStatus.OPEN:
-        raise BatchClosed(f"batch {batch.name!r} is closed; import into an open batch")
+    batch = Batch.objects.select_for_update(no_key=True).get(pk=batch.pk)
     keys = [r.content_key() for r in records]
     existing: dict[str, ComparisonTask] = {}
     for i in range(0, len(keys), 5000):
-        for task in ComparisonTask.objects.filter(batch=batch, content_key__in=keys[i : i + 5000]).order_by("-id"):
-            existing[task.content_key] = task  # the first stored wins, should the batch hold one twice
-    fresh = [i for i, key in enumerate(keys) if key not in existing]
-    created = iter(_tasks_create(batch, [records[i] for i in fresh], [keys[i] for i in fresh], create_external_policies, author))  # fmt: skip
+        for task in ComparisonTask.objects.filter(batch=batch, content_key__in=keys[i : i + 5000]):
+            existing[task.content_key] = task
+    first_of: dict[str, int] = {}  # key -> index of its first record, for comparisons new to the batch
+    votes: dict[int, list[VoteRecord]] = {}
+    for i, key in enumerate(keys):
+        if key in existing:
+            continue
+        if key not in first_of:
+            first_of[key] = i
+            votes[i] = list(records[i].votes)
+            continue
+        merged = votes[first_of[key]]
+        merged.extend(v for v in records[i].votes if v.annotator not in {m.annotator for m in merged})
+    if first_of and batch.status != BatchStatus.OPEN:
+        # A retry whose comparisons are all stored already still gets its tasks back from a closed batch.
+        raise BatchClosed(f"batch {batch.name!r} is closed; import into an open batch")
+    fresh = list(first_of.values())
+    new_records = [replace(records[i], votes=tuple(votes[i])) for i in fresh]
+    created = dict(zip(fresh, _tasks_create(batch, new_records, [keys[i] for i in fresh], create_external_policies, author), strict=True))  # fmt: skip
     return StoredComparisons(
-        tasks=[existing[k] if k in existing else next(created) for k in keys],
+        tasks=[existing[k] if k in existing else created[first_of[k]] for k in keys],
         created=len(fresh),
-        annotations=sum(len(records[i].votes) for i in fresh),
+        annotations=sum(len(r.votes) for r in new_records),
     )
 
 

@@ -7,6 +7,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from annotation.models import Annotation, Assignment, Batch, ComparisonTask, Prompt, Response, Role, TaskSlot
+from annotation.services.batches import batch_close
 
 from .factories import BatchFactory, PolicyFactory, annotator, make_tasks
 
@@ -193,7 +194,8 @@ def test_bulk_import_is_all_or_nothing(researcher):
     assert not Response.objects.exists()
     ok = client.post("/api/v1/comparisons/import/", {"batch": "week-9", "items": [item, item]}, format="json")
     assert ok.status_code == 201
-    assert len(ok.json()["task_ids"]) == 2
+    first, second = ok.json()["task_ids"]
+    assert first == second  # the same comparison twice in one post is one task
     dialogue = {
         **item,
         "prompt": None,
@@ -226,6 +228,13 @@ def test_posting_the_same_items_again_returns_their_tasks_and_creates_nothing(re
     assert more.json()["task_ids"][1:] == first.json()["task_ids"][::-1]
     assert ComparisonTask.objects.count() == 3
     assert Response.objects.count() == 6
+    batch_close(batch_id=Batch.objects.get(name="week-10").id)
+    late = client.post("/api/v1/comparisons/import/", {"batch": "week-10", "items": items[:1]}, format="json")
+    assert (late.status_code, late.json()["task_ids"]) == (200, first.json()["task_ids"][:1])  # a retry still works
+    new = {**items[0], "prompt": "A new question"}
+    closed = client.post("/api/v1/comparisons/import/", {"batch": "week-10", "items": [new]}, format="json")
+    assert closed.status_code == 409
+    Batch.objects.filter(name="week-10").update(status="open", closed_at=None)
     other_policy = {**items[0], "responses": [{"text": "Answer 0", "policy_version": "SFT"},
                                               {"text": "Dunno", "policy_version": "RLHF-V1"}]}  # fmt: skip
     PolicyFactory(name="RLHF-V1")

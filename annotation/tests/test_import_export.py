@@ -252,3 +252,68 @@ def test_postgresql_renderer_equals_the_python_renderer(labelled_batch, fmt, mar
         in_sql, in_python = rows(False), rows(True)
         assert in_sql == in_python
     assert len(in_python) == 0  # the last filter (safety) matches nothing here
+
+
+def test_migration_0003_keys_the_tasks_stored_before_it(shared_data):
+    import importlib
+
+    from django.apps import apps
+
+    backfill = importlib.import_module("annotation.migrations.0003_task_content_key").backfill_content_keys
+    records, _ = parse_file("oasst", shared_data / "oasst-trees/en_100_tree.jsonl", domain="helpfulness")
+    batch = BatchFactory(name="old")
+    from annotation.services.imports import comparisons_store
+
+    first = comparisons_store(batch=batch, records=records[:50], create_external_policies=True).tasks
+    ComparisonTask.objects.update(content_key="")  # as before the migration
+    comparisons_store(batch=batch, records=records[:10], create_external_policies=True)  # imported twice, then
+    ComparisonTask.objects.update(content_key="")
+    backfill(apps, None)
+    keyed = dict(ComparisonTask.objects.exclude(content_key="").values_list("id", "content_key"))
+    assert keyed == {t.id: r.content_key() for t, r in zip(first, records, strict=False)}  # the first of a pair
+    assert comparisons_store(batch=batch, records=records[:60], create_external_policies=True).created == 10
+
+
+def test_a_pair_lands_on_the_same_sides_wherever_it_is_in_the_file_and_a_resorted_file_adds_nothing(tmp_path):
+    pairs = [
+        {"chosen": f"\n\nHuman: question {i}\n\nAssistant: a careful answer {i}",
+         "rejected": f"\n\nHuman: question {i}\n\nAssistant: no {i}"}
+        for i in range(40)
+    ]  # fmt: skip
+    forward, backward = tmp_path / "forward.jsonl", tmp_path / "backward.jsonl"
+    forward.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    backward.write_text("".join(json.dumps(p) + "\n" for p in pairs[::-1]))
+    a, _ = parse_file("hh-rlhf", forward, domain="safety")
+    b, _ = parse_file("hh-rlhf", backward, domain="safety")
+    assert [r.content_key() for r in a] == [r.content_key() for r in b[::-1]]
+    assert {r.votes[0].choice for r in a} == {"a", "b"}  # still no position signal
+    call_command("import_preferences", str(forward), format="hh-rlhf", domain="safety", batch="hh")
+    call_command("import_preferences", str(backward), format="hh-rlhf", domain="safety", batch="hh")
+    assert ComparisonTask.objects.count() == Annotation.objects.count() == 40
+
+
+def test_repeated_records_in_one_file_become_one_task_with_each_annotators_vote(tmp_path):
+    row = {"dialogue": [{"role": "user", "content": "Name a prime."}],
+           "response_a": {"text": "7", "policy_version": "SFT"}, "response_b": {"text": "8", "policy_version": "SFT"},
+           "choice": "a", "strength": "better"}  # fmt: skip
+    path = tmp_path / "native.jsonl"
+    rows = [{**row, "task_id": 1, "annotator": "x"}, {**row, "task_id": 2, "annotator": "y"},
+            {**row, "task_id": 3, "annotator": "x"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    call_command("import_preferences", str(path), format="native", domain="helpfulness", batch="n")
+    task = ComparisonTask.objects.get()
+    assert sorted(Annotation.objects.values_list("annotator__username", flat=True)) == ["native:x", "native:y"]
+    assert (task.annotation_count, task.required_annotations) == (2, 2)
+
+
+def test_an_imported_time_on_task_out_of_range_names_the_line_and_field(tmp_path):
+    row = {"dialogue": [{"role": "user", "content": "Hi"}], "response_a": {"text": "Hello", "policy_version": "SFT"},
+           "response_b": {"text": "Go away", "policy_version": "SFT"}, "choice": "a", "annotator": "x"}  # fmt: skip
+    path = tmp_path / "native.jsonl"
+    for bad in (3_000_000_000, -5):
+        path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "task_id": 9, "time_on_task_ms": bad}) + "\n")
+        with pytest.raises(CommandError, match=r"line 2.*time_on_task_ms"):
+            call_command("import_preferences", str(path), format="native", domain="helpfulness", batch="t")
+    assert not ComparisonTask.objects.exists()
+    assert not Batch.objects.exists()
+
