@@ -52,14 +52,14 @@ REPORT_FILE = "eval_report.json"
 _RECIPE_FIELDS = (
     "max_seq_len", "global_batch_size", "micro_batch_size", "learning_rate", "epochs",
     "validation_fraction", "eval_every", "early_stopping_patience", "token_dropout", "weight_decay",
-    "ema_decay", "min_token_count", "lm_pretrain_epochs",
+    "ema_decay", "min_token_count", "lm_pretrain_epochs", "soup_size",
 )
 # The report's recipe for a model initialised from a chat checkpoint (section 3.2.2), but 64 pairs a step
 # rather than 512 so that a few hundred pairs still train: pass --global-batch-size 512 for the report's setting.
 _FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_seq_len=1024, global_batch_size=64, micro_batch_size=4, learning_rate=1e-5, epochs=1,
     validation_fraction=0.0, eval_every=0, early_stopping_patience=None, token_dropout=0.0, weight_decay=0.1,
-    ema_decay=0.0, min_token_count=0, lm_pretrain_epochs=0,
+    ema_decay=0.0, min_token_count=0, lm_pretrain_epochs=0, soup_size=1,
 )
 
 
@@ -102,11 +102,13 @@ class RewardTrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: only when the run stops)
     resume: bool = True  # continue from out_dir/train_state.pt when it exists
     seed: int = 0
+    init_seed: int | None = None  # seed of the initial weights (default: seed); the other draws use seed
     bucket_batches: int = 8
     token_dropout: float | None = None  # drop this share of the training tokens (not BOS, not the last token)
     ema_decay: float | None = None  # keep an exponential moving average of the weights; evaluate and save it
     min_token_count: int | None = None  # tokens seen fewer times in the training pairs share one embedding
     lm_pretrain_epochs: int | None = None  # next-token epochs on the training conversations before ranking
+    soup_size: int | None = None  # train this many runs from one initialisation and average their weights
     device: str | None = None
     bf16: bool = True  # autocast to bfloat16 on GPU
     num_threads: int | None = None
@@ -130,6 +132,8 @@ class RewardTrainConfig:
         out = dataclasses.replace(self, **updates)
         if out.global_batch_size is None or out.micro_batch_size is None or out.global_batch_size < 1 or out.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be positive")
+        if out.soup_size is None or out.soup_size < 1:
+            raise ValueError(f"soup_size must be positive, got {out.soup_size}")
         return out
 
 
@@ -444,6 +448,10 @@ def train_reward_model(
     config = config.resolved(has_pairs=pairs is not None)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    if config.soup_size and config.soup_size > 1:
+        from rewards.soup import train_reward_soup
+
+        return train_reward_soup(config, pairs=pairs, progress=progress)
     ctx = _setup_distributed(config.device)
     assert config.global_batch_size is not None
     assert config.micro_batch_size is not None
@@ -465,7 +473,7 @@ def train_reward_model(
     warmup = warmup_steps_for(total_steps, config.warmup_ratio, config.min_warmup_steps)
 
     # The same seed on every process: identical initial weights, which DDP also enforces by broadcast.
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
     if config.init is not None:
@@ -687,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     for name, kind in (("max-seq-len", int), ("global-batch-size", int), ("micro-batch-size", int),
                        ("learning-rate", float), ("epochs", int), ("max-steps", int), ("validation-fraction", float),
-                       ("eval-every", int), ("early-stopping-patience", int), ("stop-after-steps", int)):
+                       ("eval-every", int), ("early-stopping-patience", int), ("stop-after-steps", int),
+                       ("soup-size", int)):
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--no-resume", dest="resume", action="store_false")

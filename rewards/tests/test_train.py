@@ -186,3 +186,28 @@ def test_trains_on_plain_records_and_reports_by_batch(train_config):
     assert set(report["by_batch"]) == {"batch-0", "batch-1"}
     assert report["by_batch"]["batch-0"]["n"] == 8
     assert report["accuracy"] == pytest.approx(result.test_report["accuracy"])
+
+
+def test_soup_ingredients_share_the_initial_weights_and_differ_in_batch_order(train_config):
+    from rewards.soup import ingredient_config
+
+    config = train_config(config="tiny", init=None, seed=2, soup_size=4).resolved()
+    ingredients = [ingredient_config(config, i, max_minutes=None) for i in range(4)]
+    assert {c.init_seed for c in ingredients} == {2}
+    assert len({c.seed for c in ingredients}) == 4
+    assert len({c.out_dir for c in ingredients}) == 4
+    assert all(c.soup_size == 1 for c in ingredients)
+
+
+def test_a_soup_averages_its_ingredients(train_config):
+    from rewards.soup import INGREDIENTS_DIR
+
+    result = train_reward_model(train_config(soup_size=3, epochs=2))
+    ingredients = [_weights(Path(result.out_dir) / INGREDIENTS_DIR / str(i)) for i in range(3)]
+    soup = _weights(result.out_dir)
+    name = "transformer.layers.0.attention.wq.weight"
+    assert not torch.equal(ingredients[0][name], ingredients[1][name])  # another batch order each
+    for key, value in soup.items():
+        torch.testing.assert_close(value, sum(w[key] for w in ingredients) / 3)
+    assert result.test_report["accuracy"] >= 0.95
+    assert result.steps == 3 * 2 * (192 // 8)
