@@ -24,6 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--max-minutes", type=float, default=12.0)
+    parser.add_argument("--dim", type=int, default=None, help="another model width (as reward_hh_validation.py)")
+    parser.add_argument("--soup-size", type=int, default=None, help="average this many runs (rewards.soup)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DATA / "hh-rlhf-harmless" / "pairs.jsonl.gz")
@@ -35,6 +37,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from reward_baselines import bag_of_words_accuracy, shorter_reply_accuracy
+    from reward_hh_validation import register_variant
 
     from rewards.data import assign_splits, read_pairs
     from rewards.evaluate import format_markdown
@@ -48,8 +51,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="reward-hh-") as tmp:
         out = args.out or Path(tmp) / "run"
         config = RewardTrainConfig(
-            kind="safety", data=[str(args.data)], format="hh-rlhf", config=args.config, tokenizer=str(args.tokenizer),
+            kind="safety", data=[str(args.data)], format="hh-rlhf",
+            config=register_variant(args.config, dim=args.dim, max_seq_len=None), tokenizer=str(args.tokenizer),
             out_dir=str(out), max_minutes=args.max_minutes, num_threads=args.threads, seed=args.seed, resume=False,
+            soup_size=args.soup_size,
         )
         t0 = time.perf_counter()
         result = train_reward_model(config)
@@ -58,7 +63,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "reward_hh_from_scratch",
         "command": " ".join(sys.argv),
-        "config": args.config, "threads": args.threads, "max_minutes": args.max_minutes,
+        "config": config.config, "soup_size": args.soup_size, "threads": args.threads, "max_minutes": args.max_minutes,
         "n_train": result.n_train_pairs, "n_validation": result.n_validation_pairs, "n_test": result.n_test_pairs,
         "test_accuracy": report.get("accuracy"),
         "best_validation_accuracy": result.best_validation_accuracy, "best_step": result.best_step,

@@ -1,0 +1,102 @@
+"""Choosing a from-scratch recipe for HH-RLHF harmless without touching its test split: k-fold cross-validation
+over the fixed 80% train split (1,440 pairs), so every train pair is scored once by a model that did not see it.
+Prints JSON: the accuracy of each fold and seed, and their mean over all 1,440 held-out predictions.
+
+    .venv/bin/python benchmarks/reward_hh_validation.py --config tiny --folds 4 --seeds 0 1 --threads 1
+    .venv/bin/python benchmarks/reward_hh_validation.py --config tiny --dim 64 --soup-size 8
+    .venv/bin/python benchmarks/reward_hh_validation.py --config tiny --mix-helpfulness 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+
+
+def register_variant(base_name: str, *, dim: int | None, max_seq_len: int | None) -> str:
+    """The name of a named config with another width or window, registered for this process only."""
+    from rewards.configs import FROM_SCRATCH_CONFIGS
+
+    if dim is None and max_seq_len is None:
+        return base_name
+    base = FROM_SCRATCH_CONFIGS[base_name]
+    model, training = dict(base.model), dict(base.training)
+    if dim is not None:
+        model.update(dim=dim, n_heads=max(1, dim // 16), n_kv_heads=max(1, dim // 16))
+    if max_seq_len is not None:
+        model["max_seq_len"] = training["max_seq_len"] = max_seq_len
+    name = f"{base_name}-dim{model['dim']}-len{model['max_seq_len']}"
+    FROM_SCRATCH_CONFIGS[name] = dataclasses.replace(base, name=name, model=model, training=training)
+    return name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny", choices=("tiny", "small"))
+    parser.add_argument("--dim", type=int, default=None, help="another model width (heads: dim // 16)")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="another window (model and recipe)")
+    parser.add_argument("--soup-size", type=int, default=None)
+    parser.add_argument("--mix-helpfulness", type=float, default=None,
+                        help="add PandaLM and Open-Assistant pairs as this share of the training mix (safety recipe)")
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from rewards.configs import FROM_SCRATCH_CONFIGS
+    from rewards.data import assign_splits, read_pairs
+    from rewards.train import RewardTrainConfig, train_reward_model
+
+    config_name = register_variant(args.config, dim=args.dim, max_seq_len=args.max_seq_len)
+    pairs = assign_splits(read_pairs(DATA / "hh-rlhf-harmless" / "pairs.jsonl.gz", "hh-rlhf"), 0.2)
+    train = [p for p in pairs if p.split == "train"]  # the fixed test split is never read
+    helpfulness = []
+    if args.mix_helpfulness is not None:
+        helpfulness = [dataclasses.replace(p, split="train") for p in
+                       read_pairs(DATA / "pandalm" / "testset-v1.json", "pandalm")
+                       + read_pairs(DATA / "oasst-trees" / "en_100_tree.jsonl", "oasst")]
+
+    # Folds by content hash (as the fixed split): the same on every machine.
+    order = sorted(range(len(train)), key=lambda i: hashlib.sha1(("cv" + train[i].key()).encode()).hexdigest())
+    runs, t0 = [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="reward-hh-cv-") as tmp:
+        for fold in range(args.folds):
+            held = set(order[fold :: args.folds])
+            # The held-out fold plays the test split; everything else trains.
+            fold_pairs = [dataclasses.replace(p, split="test" if i in held else "train") for i, p in enumerate(train)]
+            for seed in args.seeds:
+                config = RewardTrainConfig(
+                    kind="safety", data=[], format="hh-rlhf", config=config_name,
+                    tokenizer=str(DATA / "llama2-tokenizer" / "tokenizer.model"), out_dir=str(Path(tmp) / "run"),
+                    resume=False, seed=seed, num_threads=args.threads, soup_size=args.soup_size,
+                    helpfulness_fraction=args.mix_helpfulness or 0.1,
+                )
+                result = train_reward_model(config, pairs=fold_pairs + helpfulness)
+                assert result.test_report is not None
+                runs.append({"fold": fold, "seed": seed, "accuracy": result.test_report["accuracy"],
+                             "n_train": result.n_train_pairs, "n_held_out": result.n_test_pairs})
+    print(json.dumps({
+        "benchmark": "reward_hh_validation",
+        "command": " ".join(sys.argv),
+        "config": config_name, "model": FROM_SCRATCH_CONFIGS[config_name].model, "soup_size": args.soup_size,
+        "mix_helpfulness": args.mix_helpfulness,
+        "mean_accuracy": sum(r["accuracy"] for r in runs) / len(runs),
+        "runs": runs, "wall_s": time.perf_counter() - t0,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
