@@ -205,18 +205,19 @@ def comparisons_export_lines(
     adjudication where the task has one (`annotator` "adjudicated"), else the majority vote ("majority";
     a task whose vote is split evenly and not adjudicated is left out).
 
-    On PostgreSQL, per-annotation rows are rendered by the database (`exports_sql`), several lines to a
-    string; `python_renderer` forces the portable renderer (the two are tested equal).
+    On PostgreSQL the lines are rendered by the database (`exports_sql`), several lines to a string;
+    `python_renderer` forces the portable renderer (the two are tested equal).
     """
     if fmt not in FORMATS:
         raise InvalidInput(f"format must be one of {list(FORMATS)}, got {fmt!r}", field="format")
     if margin not in MARGINS:
         raise InvalidInput(f"margin must be one of {list(MARGINS)}, got {margin!r}", field="margin")
     margins = MARGINS[margin]
-    if connection.vendor == "postgresql" and not aggregate and not python_renderer:
-        from .exports_sql import export_lines_postgresql
+    if connection.vendor == "postgresql" and not python_renderer:
+        from .exports_sql import export_lines_postgresql, export_task_lines_postgresql
 
-        yield from export_lines_postgresql(filters=filters, fmt=fmt, margins=margins)
+        render = export_task_lines_postgresql if aggregate else export_lines_postgresql
+        yield from render(filters=filters, fmt=fmt, margins=margins)
         return
     names: dict[int, str] = {}
     if not aggregate:

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -252,6 +253,56 @@ def test_postgresql_renderer_equals_the_python_renderer(labelled_batch, fmt, mar
         in_sql, in_python = rows(False), rows(True)
         assert in_sql == in_python
     assert len(in_python) == 0  # the last filter (safety) matches nothing here
+
+
+@pytest.mark.parametrize("fmt", ["native", "trl", "hh-rlhf"])
+def test_postgresql_renderer_equals_the_python_renderer_per_task(fmt, monkeypatch):
+    """Majorities with every kind of tie (even splits, strengths, safety labels) and adjudications."""
+    import random
+
+    from django.db import connection
+
+    from annotation.services import exports_sql
+    from annotation.services.exports import ExportFilters, comparisons_export_lines
+    from annotation.services.imports import VoteRecord
+    from annotation.services.review import adjudication_create
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the SQL renderer is PostgreSQL's (CI runs on PostgreSQL)")
+    rng = random.Random(7)
+    strengths = ["significantly_better", "better", "slightly_better", "negligibly_better"]
+    labels = ["chosen_safe_other_unsafe", "both_safe", "both_unsafe"]
+    batch = BatchFactory(name="ties")
+    for domain in ("helpfulness", "safety"):
+        for n_votes in (1, 2, 3, 4, 5):
+            votes = [
+                [VoteRecord(f"ext:{k}", rng.choice("ab"), rng.choice(strengths),
+                            rng.choice(labels) if domain == "safety" else "") for k in range(n_votes)]
+                for _ in range(12)
+            ]  # fmt: skip
+            tasks = [task for v in votes for task in make_tasks(batch, 1, domain=domain, votes=v)]
+            reviewer = annotator(role=Role.REVIEWER)
+            for task in tasks[:2]:
+                adjudication_create(reviewer=reviewer, reviewer_role=Role.REVIEWER, task_id=task.id, choice="b",
+                                    strength="better", safety_label="both_safe" if domain == "safety" else "",
+                                    reason="checked")  # fmt: skip
+    monkeypatch.setattr(exports_sql, "PAGE", 7)  # many pages
+    from datetime import UTC, datetime
+
+    some = Annotation.objects.order_by("id")[40].created_at  # the later part of the batch
+    for filters in (ExportFilters(), ExportFilters(domain="safety", created_before=datetime(2100, 1, 1, tzinfo=UTC)),
+                    ExportFilters(created_after=some), ExportFilters(batch="nope")):  # fmt: skip
+        sql, python = (
+            [json.loads(line) for line in "".join(comparisons_export_lines(
+                filters=filters, fmt=fmt, aggregate=True, python_renderer=p)).splitlines()]
+            for p in (False, True)
+        )  # fmt: skip
+        assert sql == python
+    assert len(python) == 0
+    everything = "".join(comparisons_export_lines(filters=ExportFilters(), fmt="native", aggregate=True))
+    kinds = Counter(json.loads(line)["annotator"] for line in everything.splitlines())
+    assert kinds["adjudicated"] == 20
+    assert 60 < kinds["majority"] < 100  # even splits left out
 
 
 def test_migration_0003_keys_the_tasks_stored_before_it(shared_data):
