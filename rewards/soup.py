@@ -54,7 +54,8 @@ def train_reward_soup(
     """Train config.soup_size ingredients one after another, save their average in out_dir/model, test it.
 
     A finished ingredient (its model saved, its run completed) is not trained again, so a stopped soup resumes.
-    A time budget is shared out: each ingredient may use what is left divided by the ingredients still to train.
+    Under a time budget each ingredient may use all that is left; one that the budget stops is left out of the
+    average, and no ingredient starts once the budget is spent.
     """
     from rewards.evaluate import evaluate_reward_model
     from rewards.train import REPORT_FILE, RewardTrainResult, load_pairs, train_reward_model
@@ -66,7 +67,7 @@ def train_reward_soup(
         left = None if config.max_minutes is None else config.max_minutes - (time.monotonic() - start) / 60
         if left is not None and left <= 0:
             break
-        ingredient = ingredient_config(config, index, max_minutes=None if left is None else left / (config.soup_size - index))
+        ingredient = ingredient_config(config, index, max_minutes=left)
         model_dir = Path(ingredient.out_dir) / "model"
         if config.resume and model_dir.is_dir() and read_reward_model_info(model_dir).metadata.get("stopped") == "completed":
             continue

@@ -211,3 +211,8 @@ def test_a_soup_averages_its_ingredients(train_config):
         torch.testing.assert_close(value, sum(w[key] for w in ingredients) / 3)
     assert result.test_report["accuracy"] >= 0.95
     assert result.steps == 3 * 2 * (192 // 8)
+
+
+def test_a_soup_leaves_out_ingredients_that_the_time_budget_stopped(train_config):
+    with pytest.raises(ValueError, match="no ingredient of the soup finished"):
+        train_reward_model(train_config(soup_size=3, max_minutes=1e-4))
