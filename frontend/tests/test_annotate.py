@@ -167,3 +167,18 @@ def test_the_apis_rate_limits_apply(annotator_client, tasks, monkeypatch):
     response = post(annotator_client, "/annotate/next/")
     assert response.status_code == 429
     assert response.json()["error"]["code"] == "throttled"
+
+
+def test_submit_and_next_saves_the_submit_but_withholds_the_next_comparison_past_the_claim_limit(
+    annotator_client, tasks, monkeypatch
+):
+    from rest_framework.throttling import ScopedRateThrottle
+
+    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"claim": "1/min", "submit": "120/min"})
+    task_id = post(annotator_client, "/annotate/next/").json()["task"]["task_id"]
+    response = post(annotator_client, f"/annotate/{task_id}/submit/", {"choice": "a", "strength": "better"})
+    assert response.status_code == 200
+    data = response.json()
+    assert (data["submitted"]["task_id"], data["submitted"]["created"], data["task"]) == (task_id, True, None)
+    assert "Too many requests" in data["next_withheld"]
+    assert Annotation.objects.filter(task_id=task_id).exists()

@@ -169,7 +169,12 @@ def annotate_submit(request, task_id: int):
             time_on_task_ms=time_on_task_ms,
             continue_with=_text(data, "continue_with", 50_000),
         )
-        payload = next_payload(request.user)
+        # The next comparison is a claim: it counts against the claim limit too. The submit is saved either way.
+        if limited := throttled(request, "claim"):
+            payload = {"task": None, "progress": progress_for(request.user, None, with_remaining=False), "server_now": timezone.now().isoformat(),
+                       "next_withheld": json.loads(limited.content)["error"]["message"]}  # fmt: skip
+        else:
+            payload = next_payload(request.user)
     except AnnotationError as error:
         return error_response(error)
     payload["submitted"] = {

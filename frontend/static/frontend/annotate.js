@@ -115,6 +115,7 @@
       if (remaining !== null && remaining > 0) remaining -= 1;
       $("status").textContent = "Saved comparison " + s.task_id + "." + (s.continuation_task_id ? " Your next message opens a new comparison when the model replies." : "");
       render(data);
+      if (data.next_withheld) showError(data.next_withheld);
     }, function () { busy = false; root.dataset.state = "ready"; showError("Could not reach the server; your answer was not saved. Press Enter to retry."); });
   }
 
