@@ -218,6 +218,10 @@ def main() -> None:
         "ours": ours,
         "transformers": hf,
         "speedup": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
+        # ours over transformers within each round (the two runs next to each other in time): steadier than
+        # the ratio of medians when the machine's load changes between rounds
+        "round_speedups": [round(o["tokens_per_s"] / h["tokens_per_s"], 3)
+                           for o, h in zip(results["ours"], results["hf"], strict=True)],
         "cpu_time_ratio": round((hf["user_s"] + hf["sys_s"]) / max(ours["user_s"] + ours["sys_s"], 1e-9), 3),
         # 1/5/15-minute load averages before and after (the machine has other users)
         "load_average_start": [round(x, 2) for x in load_start],
