@@ -359,9 +359,10 @@ class Transformer(nn.Module):
 
         For training: inductor fuses what lies between the matrix products (RMSNorm, the rotary embedding,
         SwiGLU's silu * w3, the residual adds), forward and backward. Every block has the same code and shapes,
-        so one compilation serves them all; it happens on the first call (~50 s for an 8-layer model on one CPU core). Calls with
-        a KV cache (generation) stay eager, so decoding's changing lengths cause no recompilation. The
-        compiled wrappers share the blocks' parameters: `state_dict` and checkpoints are unchanged.
+        so one compilation serves them all; it happens on the first call (~50 s for an 8-layer model on one
+        CPU core). Calls with a KV cache (generation) stay eager, so decoding's changing lengths cause no
+        recompilation. The compiled wrappers share the blocks' parameters: `state_dict` and checkpoints are
+        unchanged.
         """
         self._compiled_layers = [torch.compile(layer, **compile_kwargs) for layer in self.layers]
 
