@@ -4,6 +4,8 @@ time budget, beside the length rule and a bag-of-words linear model on the same 
     .venv/bin/python benchmarks/reward_hh_from_scratch.py --config tiny --max-minutes 12 --threads 2
 (the same run as: python -m rewards.train --kind safety --data PAIRS --format hh-rlhf --config tiny
  --tokenizer llama2-tokenizer/tokenizer.model --max-minutes 12 --out DIR)
+    .venv/bin/python benchmarks/reward_hh_from_scratch.py --config tiny --dim 64 --soup-size 8 --seed 0
+(the recipe chosen by benchmarks/reward_hh_validation.py: 8 runs of a wider `tiny`, their weights averaged)
 """
 
 from __future__ import annotations
