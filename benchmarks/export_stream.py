@@ -68,7 +68,7 @@ def copy_json_sql() -> str:
     where, _ = _where(ExportFilters())
     salt = settings.ANNOTATOR_PSEUDONYM_SALT.replace("'", "''")
     render = _RENDER["native"].replace("%(salt)s", f"'{salt}'")
-    return f"COPY (SELECT ({render})::text {_FROM} WHERE {where.replace('%(after)s', '0')} ORDER BY a.id) TO STDOUT"
+    return f"COPY (SELECT ({render})::text {_FROM.format(source='annotation_annotation')} WHERE {where.replace('%(after)s', '0')} ORDER BY a.id) TO STDOUT"
 
 
 def copy_rows(limit_id: int | None, sql: str | None = None) -> dict:
@@ -81,7 +81,7 @@ def copy_rows(limit_id: int | None, sql: str | None = None) -> dict:
     with connection.cursor() as cur:
         from annotation.services.exports_sql import _FROM
 
-        columns = f"COPY (SELECT {COPY_COLUMNS} {_FROM} WHERE NOT t.is_gold {extra} ORDER BY a.id) TO STDOUT"
+        columns = f"COPY (SELECT {COPY_COLUMNS} {_FROM.format(source='annotation_annotation')} WHERE NOT t.is_gold {extra} ORDER BY a.id) TO STDOUT"
         with cur.connection.cursor().copy(sql or columns) as copy:
             for chunk in copy:
                 if first is None:
