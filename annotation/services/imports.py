@@ -8,7 +8,7 @@ twice, or a model worker posting the same items again after a lost response, cha
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -38,6 +38,7 @@ from annotation.scales import MAX_TIME_ON_TASK_MS, SafetyLabel, Strength
 from .dialogues import check_domain_and_risk, slots_for
 from .errors import BatchClosed, InvalidInput
 
+STORE_CHUNK = 5000  # records inserted a round (one transaction in all)
 STRENGTHS = [s.value for s in Strength]
 SAFETY_LABELS = [s.value for s in SafetyLabel]
 
@@ -195,7 +196,12 @@ def _external_annotators(names: set[str]) -> dict[str, object]:
 
 @transaction.atomic
 def comparisons_store(
-    *, batch: Batch, records: Sequence[ComparisonRecord], create_external_policies: bool = False, author=None
+    *,
+    batch: Batch,
+    records: Sequence[ComparisonRecord],
+    create_external_policies: bool = False,
+    author=None,
+    progress: Callable[[int], None] | None = None,
 ) -> StoredComparisons:
     """Store records as comparison tasks of `batch` (with their imported annotations); all or nothing.
 
@@ -203,7 +209,8 @@ def comparisons_store(
     batch holds already gets the existing task, and its votes are not stored again; records repeated
     within the call become one task carrying the votes of every distinct annotator among them. The batch
     row is locked, so two imports into one batch cannot both store the same comparison (and the database
-    holds the key unique per batch).
+    holds the key unique per batch). `progress` is called with the number of records dealt with, chunk by
+    chunk (the whole call is still one transaction).
     """
     for r in records:
         check_record(r)
@@ -229,7 +236,15 @@ def comparisons_store(
         raise BatchClosed(f"batch {batch.name!r} is closed; import into an open batch")
     fresh = list(first_of.values())
     new_records = [replace(records[i], votes=tuple(votes[i])) for i in fresh]
-    created = dict(zip(fresh, _tasks_create(batch, new_records, [keys[i] for i in fresh], create_external_policies, author), strict=True))  # fmt: skip
+    if progress is not None:
+        progress(len(records) - len(fresh))  # those already stored, or repeated in this call
+    new_tasks: list[ComparisonTask] = []
+    for start in range(0, len(fresh), STORE_CHUNK):
+        chunk = slice(start, start + STORE_CHUNK)
+        new_tasks += _tasks_create(batch, new_records[chunk], [keys[i] for i in fresh[chunk]], create_external_policies, author)  # fmt: skip
+        if progress is not None:
+            progress(len(new_records[chunk]))
+    created = dict(zip(fresh, new_tasks, strict=True))
     return StoredComparisons(
         tasks=[existing[k] if k in existing else created[first_of[k]] for k in keys],
         created=len(fresh),

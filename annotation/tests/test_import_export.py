@@ -91,6 +91,23 @@ def test_importing_a_file_twice_stores_it_once(shared_data, capsys):
     assert ComparisonTask.objects.count() == 2 * 754  # another batch is another collection
 
 
+def test_a_store_in_chunks_reports_progress_and_stores_what_one_round_does(shared_data, monkeypatch):
+    from annotation.services import imports
+
+    records, _ = parse_file("oasst", shared_data / "oasst-trees/en_100_tree.jsonl", domain="helpfulness")
+    monkeypatch.setattr(imports, "STORE_CHUNK", 7)
+    seen: list[int] = []
+    batch = BatchFactory(name="chunks")
+    first = imports.comparisons_store(batch=batch, records=records[:30], create_external_policies=True)
+    stored = imports.comparisons_store(batch=batch, records=records[20:60], create_external_policies=True,
+                                       progress=seen.append)  # fmt: skip
+    assert seen == [10, 7, 7, 7, 7, 2]  # the 10 stored already first, then the new ones 7 at a time
+    assert stored.tasks[:10] == first.tasks[20:30]
+    assert (stored.created, stored.existing) == (30, 10)
+    assert ComparisonTask.objects.filter(batch=batch).count() == 60
+    assert Annotation.objects.filter(task__batch=batch).count() == sum(len(r.votes) for r in records[:60])
+
+
 def test_import_then_export_round_trips_through_native(shared_data, tmp_path):
     call_command(
         "import_preferences", str(shared_data / "oasst-trees/en_100_tree.jsonl"),

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
 from annotation.importers import PARSERS, parse_file
 from annotation.models import Batch
@@ -37,7 +38,11 @@ class Command(BaseCommand):
         self.stderr.write(f"read {len(records)} comparisons from {path}; storing them in one transaction")
         batch_obj, created = Batch.objects.get_or_create(name=batch, defaults={"overlap": overlap})
         try:
-            stored = comparisons_store(batch=batch_obj, records=records, create_external_policies=True)
+            # A bar on a terminal (tqdm leaves it out when stderr is not one).
+            with tqdm(total=len(records), unit=" comparisons", disable=None) as bar:
+                stored = comparisons_store(
+                    batch=batch_obj, records=records, create_external_policies=True, progress=bar.update
+                )
         except AnnotationError as e:
             if created:
                 batch_obj.delete()
