@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from django.conf import settings
 from django.db import connection
 
-from annotation.scales import Strength
+from annotation.scales import STRENGTH_RANK, Strength
 
 from .exports import ExportFilters
 
@@ -124,8 +124,7 @@ def export_lines_postgresql(*, filters: ExportFilters, fmt: str, margins: dict) 
 # One row per task, shaped like an annotation row: the reviewer's adjudication over the first vote where the
 # task has one, else the majority's median-strength vote (the lower median; ties in strength by annotation
 # id) with the winners' most common safety label (ties: the first in that order), as `exports._majority`.
-_RANK = """CASE a.strength WHEN 'significantly_better' THEN 4 WHEN 'better' THEN 3 WHEN 'slightly_better' THEN 2
-    WHEN 'negligibly_better' THEN 1 ELSE 0 END"""
+_RANK = "CASE a.strength " + " ".join(f"WHEN '{s.value}' THEN {rank}" for s, rank in STRENGTH_RANK.items()) + " ELSE 0 END"
 _PER_TASK_SOURCE = f"""(
   WITH v AS (
     SELECT a.id, a.task_id, a.choice, a.strength, a.safety_label, a.annotator_id, a.created_at, a.time_on_task_ms,

@@ -217,8 +217,8 @@ def comparisons_store(
     batch = Batch.objects.select_for_update(no_key=True).get(pk=batch.pk)
     keys = [r.content_key() for r in records]
     existing: dict[str, ComparisonTask] = {}
-    for i in range(0, len(keys), 5000):
-        for task in ComparisonTask.objects.filter(batch=batch, content_key__in=keys[i : i + 5000]):
+    for i in range(0, len(keys), STORE_CHUNK):
+        for task in ComparisonTask.objects.filter(batch=batch, content_key__in=keys[i : i + STORE_CHUNK]):
             existing[task.content_key] = task
     first_of: dict[str, int] = {}  # key -> index of its first record, for comparisons new to the batch
     votes: dict[int, list[VoteRecord]] = {}

@@ -87,18 +87,20 @@ def next_payload(user, *, with_remaining: bool = False) -> dict:
     }
 
 
-def throttled(request, scope: str) -> JsonResponse | None:
-    """The API's rate limits (settings REST_FRAMEWORK DEFAULT_THROTTLE_RATES) apply to the page's calls too."""
+def throttle_message(request, scope: str) -> str | None:
+    """None while the API's rate limit `scope` (settings REST_FRAMEWORK DEFAULT_THROTTLE_RATES) allows the
+    request, else what to tell the annotator: the page's calls count against the API's limits too."""
     throttle = ScopedRateThrottle()
-    view = SimpleNamespace(throttle_scope=scope)
-    if throttle.allow_request(request, view):
+    if throttle.allow_request(request, SimpleNamespace(throttle_scope=scope)):
         return None
-    wait = throttle.wait() or 1
-    return JsonResponse(
-        {"error": {"code": "throttled", "message": f"Too many requests; wait {wait:.0f} s and press Enter again.",
-                   "field": None}},
-        status=429,
-    )  # fmt: skip
+    return f"Too many requests; wait {throttle.wait() or 1:.0f} s and press Enter again."
+
+
+def throttled(request, scope: str) -> JsonResponse | None:
+    """A 429 response when the rate limit `scope` is reached, else None."""
+    if (message := throttle_message(request, scope)) is None:
+        return None
+    return JsonResponse({"error": {"code": "throttled", "message": message, "field": None}}, status=429)
 
 
 def error_response(error: AnnotationError) -> JsonResponse:
@@ -170,9 +172,9 @@ def annotate_submit(request, task_id: int):
             continue_with=_text(data, "continue_with", 50_000),
         )
         # The next comparison is a claim: it counts against the claim limit too. The submit is saved either way.
-        if limited := throttled(request, "claim"):
-            payload = {"task": None, "progress": progress_for(request.user, None, with_remaining=False), "server_now": timezone.now().isoformat(),
-                       "next_withheld": json.loads(limited.content)["error"]["message"]}  # fmt: skip
+        if withheld := throttle_message(request, "claim"):
+            payload = {"task": None, "progress": progress_for(request.user, None, with_remaining=False),
+                       "server_now": timezone.now().isoformat(), "next_withheld": withheld}  # fmt: skip
         else:
             payload = next_payload(request.user)
     except AnnotationError as error:
