@@ -8,6 +8,10 @@ zero-filled gradient that `nll_loss` scatters into, and the log-softmax gradient
 Liger-Kernel's fused linear cross-entropy): softmax - one_hot(target) is multiplied back into the gradients of
 the hidden states and of the head's weight inside the forward pass, which are kept until backward. The matrix
 products are the same as the plain loss's; what goes is the traffic and the page faults of the big tensors.
+
+Positions without a target (`ignore_index`: the prompt of a fine-tuning example, padding) never reach the head:
+they are dropped before it, so a batch whose answers are a third of its tokens pays a third of the head's
+matrix products, forward and backward, where the plain loss computes every position's logits and masks them.
 """
 
 from __future__ import annotations
@@ -24,16 +28,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                ignore_index: int, chunk_size: int, grad_enabled: bool) -> torch.Tensor:
+                chunk_size: int, grad_enabled: bool) -> torch.Tensor:
         # needs_input_grad says which inputs require grad even under no_grad, where no gradient is wanted
         need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
         need_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         n_tokens = hidden.shape[0]
         vocab_size = weight.shape[0]
-        ignored = targets == ignore_index  # (n_tokens,)
-        any_ignored = bool(ignored.any())
-        n_valid = n_tokens - int(ignored.sum()) if any_ignored else n_tokens
-        safe_targets = targets.masked_fill(ignored, 0) if any_ignored else targets
 
         # The gradients are accumulated in float32 whatever the model's dtype, as the plain loss upcasts.
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden_grad \
@@ -46,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             hidden_chunk = hidden[start:end]  # (chunk, dim)
-            target_chunk = safe_targets[start:end, None]  # (chunk, 1)
+            target_chunk = targets[start:end, None]  # (chunk, 1)
             logits = torch.mm(hidden_chunk, weight.t(), out=logits_buffer[: end - start]).float()  # (chunk, vocab)
             target_logits = logits.gather(1, target_chunk)  # (chunk, 1)
             # logsumexp as max + log(sum(exp(logits - max))), all in place: torch.logsumexp would allocate two
@@ -54,17 +54,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             maxes = logits.amax(dim=-1, keepdim=True)  # (chunk, 1)
             exps = logits.sub_(maxes).exp_()
             sums = exps.sum(dim=-1, keepdim=True)  # (chunk, 1)
-            token_loss = sums.log() + maxes - target_logits  # (chunk, 1): logsumexp - target logit
-            if any_ignored:
-                token_loss = token_loss.masked_fill(ignored[start:end, None], 0.0)
-            total += token_loss.sum()
+            total += (sums.log() + maxes - target_logits).sum()  # logsumexp - target logit, summed
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d loss_sum / d logits = softmax - one_hot(target), written over the logits; ignored rows are zero.
+            # d loss_sum / d logits = softmax - one_hot(target), written over the logits
             probs = exps.div_(sums)
             probs.scatter_add_(1, target_chunk, torch.full_like(target_chunk, -1.0, dtype=probs.dtype))
-            if any_ignored:
-                probs.masked_fill_(ignored[start:end, None], 0.0)
             if not float32:
                 probs = probs.to(hidden.dtype)
             if grad_hidden is not None:
@@ -80,9 +75,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         # Kept as attributes, not saved tensors: backward scales them in place, once.
         ctx.grads = (grad_hidden, grad_weight)
-        ctx.n_valid = n_valid
+        ctx.n_tokens = n_tokens
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return total / n_valid
+        return total / n_tokens
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -90,13 +85,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy's gradients were already used; backward runs once")
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None  # free them with the graph; a second backward would scale them twice
-        scale = grad_output.float() / ctx.n_valid
+        scale = grad_output.float() / ctx.n_tokens
         hidden_dtype, weight_dtype = ctx.dtypes
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(scale).to(hidden_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(scale).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -117,5 +112,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[0] == 0:
         raise ValueError("linear_cross_entropy needs at least one token")
-    return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets, ignore_index, chunk_size,
-                                     torch.is_grad_enabled())
+    valid = targets != ignore_index
+    if not bool(valid.all()):
+        # Only the positions with a target go through the head; index_select's backward puts their gradients
+        # back in place and zeros elsewhere.
+        index = valid.nonzero().squeeze(1)
+        if index.numel() == 0:
+            # F.cross_entropy's answer when every target is ignored: NaN, with zero gradients
+            return (hidden.sum() + weight.sum()).float() * 0.0 + float("nan")
+        hidden, targets = hidden.index_select(0, index), targets.index_select(0, index)
+    return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets, chunk_size, torch.is_grad_enabled())

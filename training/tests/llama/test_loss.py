@@ -46,6 +46,37 @@ def test_ignore_index_and_a_scaled_loss():
     assert grad_h[[0, 3, 4, 29]].abs().max() == 0
 
 
+def test_positions_without_a_target_never_reach_the_head():
+    """Ignored positions are dropped before the head: their hidden states (NaN here) touch neither the loss nor
+    the head's gradient, which the plain loss would turn into NaN through its masked rows' zero * NaN."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(20, 8, generator=g)
+    weight = torch.randn(30, 8, generator=g)
+    targets = torch.randint(0, 30, (20,), generator=g)
+    prompt = torch.arange(20) < 12  # a fine-tuning example: no loss on the prompt's 12 tokens
+    targets[prompt] = -100
+    hidden[prompt] = float("nan")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, chunk_size=3)
+    loss.backward()
+    ref_h, ref_w = hidden[~prompt].clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = F.cross_entropy(ref_h @ ref_w.t(), targets[~prompt])
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(w.grad, ref_w.grad)
+    torch.testing.assert_close(h.grad[~prompt], ref_h.grad)
+    assert h.grad[prompt].abs().max() == 0
+
+
+def test_every_target_ignored_gives_nan_and_zero_gradients_as_cross_entropy():
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((6,), -100))
+    assert torch.isnan(loss)
+    loss.backward()
+    assert hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
+
+
 def test_no_grad_gives_the_loss_and_backward_runs_once():
     hidden = torch.randn(12, 8, requires_grad=True)
     weight = torch.randn(20, 8, requires_grad=True)
