@@ -7,7 +7,8 @@ Differences from Meta's file, all behaviour-preserving:
   buffer, so `model.to(torch.bfloat16)` cannot round it;
 - attention through `F.scaled_dot_product_attention` with grouped-query attention done by the kernel
   (`enable_gqa`) rather than by copying the key/value heads (`repeat_kv`, kept as the definition);
-- an optional per-token `attention_mask` for padded batches;
+- an optional per-token `attention_mask` for padded batches, and `position_ids` for packed rows (several
+  examples in a row, each attending only to itself; see `packing.py`);
 - an optional `targets` argument that returns the training loss without materialising the logits.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.llama.loss import linear_cross_entropy
+from training.llama.packing import PackedDocuments, packed_attention
 
 
 @dataclass
@@ -134,6 +136,8 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor,
                      freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate consecutive pairs of q and k (bsz, n_heads, seqlen, head_dim) by freqs_cis (seqlen, head_dim // 2).
 
+    freqs_cis may also be (bsz, 1, seqlen, head_dim // 2): each row's own positions (packed rows).
+
     Meta's formulation: each pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1], multiplied by
     exp(i * pos * theta_i), in float32. One complex product is also much faster, forward and backward, than
     the same rotation written with real cos/sin and a stack of the even/odd halves.
@@ -232,7 +236,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         freqs_cis: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | PackedDocuments | None,
         *,
         layer_id: int = 0,
         start_pos: int = 0,
@@ -249,11 +253,14 @@ class Attention(nn.Module):
             # (bsz, n_kv_heads, start_pos + seqlen, head_dim)
             xk, xv = kv_cache.update(layer_id, start_pos, xk, xv)
 
-        # Without an explicit mask the block is causal from position 0 (training, prefill) or a single
-        # query that sees every cached key (decoding); SDPA's own causal path is the fastest for the first.
-        output = F.scaled_dot_product_attention(
-            xq, xk, xv, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=self.n_rep > 1
-        )  # (bsz, n_heads, seqlen, head_dim)
+        if isinstance(mask, PackedDocuments):
+            output = packed_attention(xq, xk, xv, mask, enable_gqa=self.n_rep > 1)
+        else:
+            # Without an explicit mask the block is causal from position 0 (training, prefill) or a single
+            # query that sees every cached key (decoding); SDPA's own causal path is the fastest for the first.
+            output = F.scaled_dot_product_attention(
+                xq, xk, xv, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=self.n_rep > 1
+            )  # (bsz, n_heads, seqlen, head_dim)
         output = output.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.wo(output)
 
@@ -289,7 +296,7 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         freqs_cis: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | PackedDocuments | None,
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
@@ -413,11 +420,15 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (bsz, seqlen, dim) of tokens (bsz, seqlen) at positions start_pos...
 
         `attention_mask` (bsz, seqlen), bool or 0/1, marks the real tokens of a padded batch: no real token
         attends to a padding token. With a `kv_cache` the keys of positions < start_pos come from the cache.
+        `position_ids` (bsz, seqlen) gives packed rows (`packing.py`): each token's rotary position, a new
+        document starting wherever a position does not follow the previous token's; tokens attend only within
+        their document, as Hugging Face's models read the same `position_ids`.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (bsz, seqlen), got shape {tuple(tokens.shape)}")
@@ -431,16 +442,42 @@ class Transformer(nn.Module):
         if kv_cache is not None and kv_cache.bsz != bsz:
             raise ValueError(f"kv_cache was made for batch size {kv_cache.bsz}, got {bsz}")
 
-        mask = self._attention_mask(bsz, seqlen, start_pos, kv_cache, attention_mask)
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        freqs_cis = self.freqs_cis(h.device)[start_pos:end]  # (seqlen, head_dim // 2)
         layers = self.layers if self._compiled_layers is None or kv_cache is not None else self._compiled_layers
+        if position_ids is None:
+            mask = self._attention_mask(bsz, seqlen, start_pos, kv_cache, attention_mask)
+            freqs_cis = self.freqs_cis(h.device)[start_pos:end]  # (seqlen, head_dim // 2)
+        else:
+            mask, freqs_cis = self._packed_rows(position_ids, tokens, kv_cache, attention_mask,
+                                                compiled=layers is not self.layers)
         for layer in layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, freqs_cis, mask, start_pos, kv_cache, use_reentrant=False)
             else:
                 h = layer(h, freqs_cis, mask, start_pos, kv_cache)
         return self.norm(h)
+
+    def _packed_rows(self, position_ids: torch.Tensor, tokens: torch.Tensor, kv_cache: KVCache | None,
+                     attention_mask: torch.Tensor | None, *,
+                     compiled: bool) -> tuple[PackedDocuments | torch.Tensor | None, torch.Tensor]:
+        """The attention layout and the rotary table (bsz, 1, seqlen, head_dim // 2) of packed rows."""
+        if kv_cache is not None or attention_mask is not None:
+            raise ValueError("position_ids (packed rows) cannot be combined with a kv_cache or an attention_mask; "
+                             "padding in a packed row is a document of its own")
+        if position_ids.shape != tokens.shape:
+            raise ValueError(f"position_ids must have the shape of tokens {tuple(tokens.shape)}, "
+                             f"got {tuple(position_ids.shape)}")
+        if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.args.max_seq_len:
+            raise ValueError(f"position_ids must lie in 0..{self.args.max_seq_len - 1} (max_seq_len)")
+        device = self.tok_embeddings.weight.device
+        freqs_cis = self.freqs_cis(device)[position_ids.to(device)][:, None]
+        documents = PackedDocuments.from_position_ids(position_ids)
+        if documents.n_documents == len(documents.bounds):
+            return None, freqs_cis  # one document a row: plain causal attention
+        if compiled:
+            # compiled blocks would recompile for every new set of document bounds; a mask tensor keeps one graph
+            return documents.dense_mask(tokens.shape[1], device), freqs_cis
+        return documents, freqs_cis
 
     def forward(
         self,
@@ -449,6 +486,7 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
     ) -> torch.Tensor:
@@ -458,7 +496,8 @@ class Transformer(nn.Module):
         mean cross-entropy instead, a float32 scalar equal to `F.cross_entropy` of the logits, computed a
         chunk of tokens at a time so that the (bsz, seqlen, vocab_size) logits never exist (see `loss.py`).
         """
-        h = self.forward_hidden(tokens, start_pos=start_pos, kv_cache=kv_cache, attention_mask=attention_mask)
+        h = self.forward_hidden(tokens, start_pos=start_pos, kv_cache=kv_cache, attention_mask=attention_mask,
+                                position_ids=position_ids)
         if targets is None:
             return self.output(h)
         if targets.shape != tokens.shape:
