@@ -59,19 +59,21 @@ def packed_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, docum
     """Causal attention within each document of each row; q (bsz, n_heads, seqlen, head_dim), k/v likewise.
 
     One causal SDPA call per document: what lies between documents (and above each diagonal) is never computed,
-    where a block-diagonal mask would make the kernel visit the whole seqlen x seqlen square.
+    where a block-diagonal mask would make the kernel visit the whole seqlen x seqlen square. The pieces are
+    taken with `split`, whose backward concatenates their gradients (slicing's would zero-fill and add a
+    full-size gradient per piece).
     """
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+
     rows = []
-    for row, bounds in enumerate(documents.bounds):
-        q, k, v = xq[row:row + 1], xk[row:row + 1], xv[row:row + 1]
+    for q, k, v, bounds in zip(xq.split(1), xk.split(1), xv.split(1), documents.bounds, strict=True):
         if len(bounds) == 1:
-            rows.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa))
+            rows.append(attend(q, k, v))
             continue
-        rows.append(torch.cat([
-            F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
-                                           is_causal=end - start > 1, enable_gqa=enable_gqa)
-            for start, end in bounds
-        ], dim=2))
+        lengths = [end - start for start, end in bounds]
+        pieces = zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)
+        rows.append(torch.cat([attend(*piece) for piece in pieces], dim=2))
     return torch.cat(rows, dim=0)
 
 
