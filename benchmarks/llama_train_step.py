@@ -1,9 +1,15 @@
 """Training-step throughput and peak memory: training.llama vs transformers.LlamaForCausalLM, same weights.
 
     .venv/bin/python benchmarks/llama_train_step.py [--threads 2] [--rounds 3] [--fused-loss] [--malloc-tuned] [--compile]
+        [--data random|hh-sft]
 
-A step is forward + next-token cross-entropy + backward on a batch of packed rows (random-token documents,
-each BOS ... EOS, concatenated and cut to seq_len + 1; no document-boundary masking, as Llama 2 trains).
+A step is forward + next-token cross-entropy + backward on a batch of packed rows. `--data random` (pretraining):
+random-token documents, each BOS ... EOS, concatenated and cut to seq_len + 1, a target at every position and
+no document-boundary masking, as Llama 2 pretrains. `--data hh-sft` (supervised fine-tuning, the step of the
+platform's SFT and rejection-sampling fine-tuning): the HH-RLHF dialogues of ../shared/data with their chosen
+answers, in the Llama 2 chat format (Llama 2 tokenizer), packed whole into rows (`training.llama.packing`), each
+dialogue attending only to itself, the loss on the answers only as Llama 2's SFT zeroes it on the prompts.
+Both models get the same tokens and `position_ids` (transformers builds its block-diagonal mask from them).
 Each implementation runs in its own child process, alternating for `--rounds` rounds, so that the peak
 resident memory is measured per implementation and machine noise hits both alike. Prints JSON.
 """
@@ -22,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
 def packed_batch(batch: int, seq_len: int, vocab_size: int, seed: int):
@@ -38,6 +45,40 @@ def packed_batch(batch: int, seq_len: int, vocab_size: int, seed: int):
         rows.append(row[: seq_len + 1])
     data = torch.tensor(rows)
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def hh_sft_batch(batch: int, seq_len: int):
+    """(inputs, targets, position_ids), each (batch, seq_len): HH-RLHF dialogues with their chosen answers, packed.
+
+    Every dialogue is packed (first fit, longest first) and `batch` rows are taken evenly spaced through the
+    rows, so that long and short dialogues are both represented. Also returns what the rows hold.
+    """
+    sys.path.insert(0, str(REPO_ROOT))
+    from rewards.data import read_hh_rlhf
+    from training.llama.packing import pack_examples
+    from training.llama.tokenizer import Tokenizer
+
+    pairs_path = SHARED_DATA / "hh-rlhf-harmless" / "pairs.jsonl.gz"
+    tokenizer_path = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
+    for path in (pairs_path, tokenizer_path):
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: --data hh-sft reads the shared reference data "
+                             f"(set SHARED_DATA_DIR to its folder)")
+    tokenizer = Tokenizer(tokenizer_path)
+    examples = []
+    for pair in read_hh_rlhf(pairs_path):
+        messages = [*pair.dialogue, {"role": "assistant", "content": pair.chosen}]
+        examples.append(tokenizer.encode_dialog(messages, allow_special_tags=True))
+    packed = pack_examples(examples, seq_len + 1, pad_id=0)
+    n_rows = packed.tokens.shape[0]
+    rows = [i * n_rows // batch for i in range(batch)]
+    tokens, targets, positions = packed.tokens[rows], packed.targets[rows], packed.position_ids[rows]
+    n_docs = sum(int((positions[r] == 0).sum()) for r in range(batch))
+    about = {"dialogues": len(examples), "rows_packed": n_rows, "fill": round(packed.fill, 3),
+             "truncated": packed.n_truncated, "documents_in_batch": n_docs,
+             "target_fraction": round(float((targets[:, :-1] != -100).float().mean()), 3)}
+    # a row of seq_len + 1 packed tokens: the inputs are its first seq_len, each with its own target already
+    return tokens[:, :-1].contiguous(), targets[:, :-1].contiguous(), positions[:, :-1].contiguous(), about
 
 
 def proc_status_bytes(field: str) -> int:
@@ -73,16 +114,17 @@ def child(opts: argparse.Namespace) -> None:
         model, args = load_checkpoint(opts.checkpoint)
         vocab_size = args.vocab_size
 
-        def logits_of(x):
-            return model(x)
+        def logits_of(x, position_ids=None):
+            return model(x, position_ids=position_ids)
     else:
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM.from_pretrained(opts.checkpoint, attn_implementation="sdpa")
         vocab_size = model.config.vocab_size
 
-        def logits_of(x):
-            return model(input_ids=x, use_cache=False).logits
+        def logits_of(x, position_ids=None):
+            # without a cache transformers reads packed rows from position_ids (a block-diagonal mask)
+            return model(input_ids=x, position_ids=position_ids, use_cache=False).logits
 
     model.train()
     if opts.activation_checkpointing:
@@ -97,14 +139,18 @@ def child(opts: argparse.Namespace) -> None:
         else:
             for layer in model.model.layers:
                 layer.compile()
-    inputs, targets = packed_batch(opts.batch, opts.seq_len, vocab_size, seed=0)
+    if opts.data == "hh-sft":
+        inputs, targets, position_ids, _ = hh_sft_batch(opts.batch, opts.seq_len)
+    else:
+        (inputs, targets), position_ids = packed_batch(opts.batch, opts.seq_len, vocab_size, seed=0), None
 
     def step() -> float:
         if opts.fused_loss and opts.impl == "ours":
-            # the loss without the (batch, seq_len, vocab) logits: training.llama.loss.linear_cross_entropy
-            loss = model(inputs, targets=targets)
+            # the loss without the (batch, seq_len, vocab) logits, and only where there are targets:
+            # training.llama.loss.linear_cross_entropy
+            loss = model(inputs, position_ids=position_ids, targets=targets)
         else:
-            logits = logits_of(inputs)
+            logits = logits_of(inputs, position_ids)
             loss = F.cross_entropy(logits.view(-1, vocab_size).float(), targets.view(-1))
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -152,6 +198,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--data", choices=["random", "hh-sft"], default="random",
+                        help="random: pretraining rows, every position a target, no document masking; hh-sft: "
+                             "HH-RLHF dialogues packed whole, each attending to itself, loss on the answers only")
     parser.add_argument("--fused-loss", action="store_true",
                         help="ours computes the loss with model(inputs, targets=...), chunked, without the logits; "
                              "transformers keeps F.cross_entropy on its logits (it has no CPU equivalent)")
@@ -176,6 +225,7 @@ def main() -> None:
     args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
                      vocab_size=opts.vocab, max_seq_len=max(2048, opts.seq_len))
     torch.manual_seed(0)
+    batch_about = hh_sft_batch(opts.batch, opts.seq_len)[3] if opts.data == "hh-sft" else None
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_checkpoint(Transformer(args), tmp)
@@ -214,7 +264,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "llama_train_step",
         "config": {**{k: v for k, v in vars(opts).items() if k not in ("impl", "checkpoint")},
-                   "params": n_params, "dtype": "float32", "torch": torch.__version__},
+                   "params": n_params, "dtype": "float32", "torch": torch.__version__, "batch": batch_about},
         "ours": ours,
         "transformers": hf,
         "speedup": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
