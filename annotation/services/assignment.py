@@ -236,6 +236,11 @@ def annotation_submit(
     if status in (AssignmentStatus.SKIPPED, AssignmentStatus.RELEASED):
         raise Conflict(f"task {task_id} was {status} and can no longer be submitted")
     if status == AssignmentStatus.EXPIRED:
+        # Expired by its time running out, or by the batch's close: the status read with the lock above can
+        # predate a close this submit waited for, so read it again.
+        if _fetchone(f"SELECT b.status FROM {_T['Batch']} b JOIN {_T['ComparisonTask']} t ON t.batch_id = b.id"
+                     " WHERE t.id = %s", [task_id])[0] != BatchStatus.OPEN:
+            raise BatchClosed(f"batch {batch_name!r} is closed; this task can no longer be annotated")
         raise LeaseExpired(f"your lease on task {task_id} expired and the task went back to the pool")
 
     # Lock order everywhere: slot, then task. The task lock is NO KEY UPDATE so that concurrent claims,

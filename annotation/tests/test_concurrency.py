@@ -1,13 +1,15 @@
-"""Many annotators claim and submit at once against the real database: overlap is exact."""
+"""Concurrency against the real database: many annotators at once, a submit racing a batch's close."""
 
 import threading
 from collections import Counter
 
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 
-from annotation.models import Annotation, ComparisonTask
+from annotation.models import Annotation, Assignment, Batch, ComparisonTask
 from annotation.services.assignment import annotation_submit, assignment_claim_next
+from annotation.services.batches import batch_close
+from annotation.services.errors import BatchClosed
 
 from .factories import BatchFactory, annotator, make_tasks
 
@@ -68,3 +70,84 @@ def test_concurrent_annotators_fill_every_task_exactly_to_its_overlap():
     # Work was spread: with SKIP LOCKED nobody waits for the others, so every annotator got some.
     per_user = Counter(Annotation.objects.values_list("annotator_id", flat=True))
     assert len(per_user) == N_ANNOTATORS
+
+
+def in_thread(work, *, hold: threading.Event | None = None, done: threading.Event | None = None):
+    """Run work() in its own transaction on its own connection; with `hold`, keep the transaction open (its row
+    locks held) after setting `done`, until `hold` is set. Returns the thread and a dict with its result or error."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            with transaction.atomic():
+                outcome["result"] = work()
+                if done is not None:
+                    done.set()
+                if hold is not None:
+                    hold.wait(30)
+        except BaseException as exc:  # surfaced by the test
+            outcome["error"] = exc
+        finally:
+            if done is not None:
+                done.set()
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def leased_task():
+    batch = BatchFactory()
+    make_tasks(batch, 3)
+    user = annotator("racer")
+    lease = assignment_claim_next(user=user)
+    return batch, user, lease
+
+
+def submit(user, lease):
+    return annotation_submit(user=user, task_id=lease.task_id, choice="a", strength="better", time_on_task_ms=9000)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_submit_that_comes_while_the_batch_closes_is_refused_and_stores_nothing():
+    if connection.vendor != "postgresql":
+        pytest.skip("the race needs concurrent transactions (CI runs this on PostgreSQL)")
+    batch, user, lease = leased_task()
+    hold, closed = threading.Event(), threading.Event()
+    closer, closing = in_thread(lambda: batch_close(batch_id=batch.pk), hold=hold, done=closed)
+    assert closed.wait(30) and "error" not in closing
+    # The close has not committed: the batch still reads as open, and the submit waits for the lease it holds.
+    submitter, submitting = in_thread(lambda: submit(user, lease))
+    submitter.join(0.5)
+    assert submitter.is_alive()
+    hold.set()
+    closer.join(30)
+    submitter.join(30)
+    assert isinstance(submitting.get("error"), BatchClosed), submitting
+    assert not Annotation.objects.exists()
+    assert Assignment.objects.get(pk=lease.pk).status == "expired"
+    assert ComparisonTask.objects.get(pk=lease.task_id).annotation_count == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_submit_under_way_when_the_batch_closes_is_kept_and_the_close_waits_for_it():
+    if connection.vendor != "postgresql":
+        pytest.skip("the race needs concurrent transactions (CI runs this on PostgreSQL)")
+    batch, user, lease = leased_task()
+    hold, submitted = threading.Event(), threading.Event()
+    submitter, submitting = in_thread(lambda: submit(user, lease), hold=hold, done=submitted)
+    assert submitted.wait(30) and "error" not in submitting
+    closer, closing = in_thread(lambda: batch_close(batch_id=batch.pk))
+    closer.join(0.5)
+    assert closer.is_alive()  # it waits for the submit's lock on the lease
+    hold.set()
+    submitter.join(30)
+    closer.join(30)
+    assert "error" not in closing, closing
+    annotation = Annotation.objects.get()
+    assert annotation.pk == submitting["result"].annotation.pk
+    assert Assignment.objects.get(pk=lease.pk).status == "submitted"
+    assert ComparisonTask.objects.get(pk=lease.task_id).annotation_count == 1
+    closed = Batch.objects.get(pk=batch.pk)
+    assert closed.status == "closed" and annotation.created_at <= closed.closed_at
