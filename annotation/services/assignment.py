@@ -264,21 +264,8 @@ def annotation_submit(
 
     fields = dict(task_id=task_id, annotator=user, assignment_id=assignment_id, choice=choice, strength=strength,
                   safety_label=safety_label, note=note, time_on_task_ms=elapsed_ms, too_fast=too_fast)  # fmt: skip
-    if connection.vendor == "postgresql":
-        annotation = _submission_record_postgresql(fields, slot_id=slot[0] if slot else None, now=now)
-    else:
-        annotation = Annotation.objects.create(**fields)
-        Assignment.objects.filter(pk=assignment_id).update(status=AssignmentStatus.SUBMITTED, finished_at=now)
-        if slot is not None:
-            TaskSlot.objects.filter(pk=slot[0]).update(state=SlotState.FILLED, lease_expires_at=None)
-        # One statement: count the annotation, and complete the task when its overlap is reached.
-        ComparisonTask.objects.filter(pk=task_id).update(
-            annotation_count=F("annotation_count") + 1,
-            status=Case(
-                When(Q(is_gold=False, annotation_count__gte=F("required_annotations") - 1), then=Value(TaskStatus.COMPLETE)),
-                default=F("status"),
-            ),
-        )
+    record = _submission_record_postgresql if connection.vendor == "postgresql" else _submission_record_portable
+    annotation = record(fields, slot_id=slot[0] if slot else None, now=now)
 
     continuation = None
     if continue_with.strip():
@@ -288,10 +275,26 @@ def annotation_submit(
     return SubmitResult(annotation=annotation, created=True, continuation=continuation)
 
 
+def _submission_record_portable(fields: dict, *, slot_id: int | None, now: datetime) -> Annotation:
+    """The four writes of a submit through the ORM (SQLite): the annotation, the assignment submitted, the slot
+    filled, the task's count (and completion when its overlap is reached, in the same statement)."""
+    annotation = Annotation.objects.create(**fields)
+    Assignment.objects.filter(pk=fields["assignment_id"]).update(status=AssignmentStatus.SUBMITTED, finished_at=now)
+    if slot_id is not None:
+        TaskSlot.objects.filter(pk=slot_id).update(state=SlotState.FILLED, lease_expires_at=None)
+    ComparisonTask.objects.filter(pk=fields["task_id"]).update(
+        annotation_count=F("annotation_count") + 1,
+        status=Case(
+            When(Q(is_gold=False, annotation_count__gte=F("required_annotations") - 1), then=Value(TaskStatus.COMPLETE)),
+            default=F("status"),
+        ),
+    )
+    return annotation
+
+
 def _submission_record_postgresql(fields: dict, *, slot_id: int | None, now: datetime) -> Annotation:
-    """The four writes of a submit in one round trip (PostgreSQL's data-modifying CTEs), the same as the
-    portable path: insert the annotation, mark the assignment submitted and the slot filled, count the
-    annotation on the task and complete the task when its overlap is reached."""
+    """The four writes of a submit in one round trip (PostgreSQL's data-modifying CTEs), the same as
+    `_submission_record_portable` (a test holds the two to the same rows)."""
     created_at = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(

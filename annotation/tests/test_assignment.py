@@ -4,7 +4,7 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from annotation.models import Annotation, Assignment, ComparisonTask, TaskSlot
+from annotation.models import Annotation, Assignment, Batch, ComparisonTask, TaskSlot
 from annotation.services import assignment as assignment_service
 from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
 from annotation.services.errors import LeaseExpired
@@ -137,3 +137,53 @@ def test_database_refuses_a_second_lease_for_one_annotator():
 def test_slots_match_overlap():
     tasks = make_tasks(BatchFactory(overlap=3), 5)
     assert TaskSlot.objects.filter(task__in=tasks).count() == 15
+
+
+def submit_scenario(tag: str) -> list:
+    """Two annotators fill a task's overlap of 2, a third takes a gold task and another task half-way:
+    every branch of the submit's writes (completion, a task left open, gold without a slot)."""
+    batch = BatchFactory(name=f"scenario-{tag}", overlap=2, gold_rate=1.0)
+    make_tasks(batch, 2)
+    make_tasks(batch, 1, gold=True)
+    assignment_service.gold_rng.seed(7)
+    users = [annotator(f"{tag}-{i}") for i in range(3)]
+    gold = assignment_claim_next(user=users[2])  # gold_rate 1: the gold task first
+    assert gold.task.is_gold
+    submit(users[2], gold, choice="b", strength="negligibly_better", note="gold")
+    batch.gold_rate = 0.0
+    batch.save(update_fields=["gold_rate"])
+    for user in users[:2]:
+        submit(user, assignment_claim_next(user=user), time_on_task_ms=900)
+    submit(users[2], assignment_claim_next(user=users[2]), choice="b", strength="significantly_better")
+    tasks = ComparisonTask.objects.filter(batch=batch)
+    annotations = Annotation.objects.filter(task__batch=batch).values_list(
+        "task__content_key", "annotator__username", "choice", "strength", "safety_label", "note", "time_on_task_ms",
+        "too_fast")
+    assignments = Assignment.objects.filter(task__batch=batch).values_list(
+        "task__content_key", "annotator__username", "status", "finished_at")
+    slots = TaskSlot.objects.filter(task__batch=batch).values_list(
+        "task__content_key", "index", "state", "lease_expires_at", "assignment__annotator__username")
+    Batch.objects.filter(pk=batch.pk).update(status="closed", closed_at=timezone.now())  # the next scenario's claims come from its own batch
+    return [
+        sorted(annotations),
+        sorted((key, who, status, finished is not None) for key, who, status, finished in assignments),
+        sorted((key, index, state, expires is None, who or "") for key, index, state, expires, who in slots),
+        sorted(tasks.values_list("content_key", "annotation_count", "status")),
+    ]
+
+
+def test_the_single_statement_submit_writes_what_the_portable_path_writes(monkeypatch):
+    """On PostgreSQL the submit writes through one hand-written statement; SQLite through the ORM. Both, on the
+    same database, must leave the same rows (CI runs PostgreSQL only, so this is where the two meet)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the single-statement path is PostgreSQL's; SQLite runs the portable one everywhere")
+    single_statement = submit_scenario("cte")
+    monkeypatch.setattr(assignment_service, "_submission_record_postgresql",
+                        assignment_service._submission_record_portable)
+    portable = submit_scenario("orm")
+    strip = [[tuple(x.replace("orm-", "cte-") if isinstance(x, str) else x for x in row) for row in rows]
+             for rows in portable]
+    assert strip == single_statement
+    assert {status for _, _, status in single_statement[3]} == {"complete", "open"}
