@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=12.0)
     parser.add_argument("--dim", type=int, default=None, help="another model width (as reward_hh_validation.py)")
     parser.add_argument("--soup-size", type=int, default=None, help="average this many runs (rewards.soup)")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="another window (model and recipe)")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--context-turns", type=int, default=None, help="read only the newest context turns (1: the last user turn)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=DATA / "hh-rlhf-harmless" / "pairs.jsonl.gz")
@@ -54,9 +57,9 @@ def main() -> None:
         out = args.out or Path(tmp) / "run"
         config = RewardTrainConfig(
             kind="safety", data=[str(args.data)], format="hh-rlhf",
-            config=register_variant(args.config, dim=args.dim, max_seq_len=None), tokenizer=str(args.tokenizer),
+            config=register_variant(args.config, dim=args.dim, max_seq_len=args.max_seq_len), tokenizer=str(args.tokenizer),
             out_dir=str(out), max_minutes=args.max_minutes, num_threads=args.threads, seed=args.seed, resume=False,
-            soup_size=args.soup_size,
+            soup_size=args.soup_size, learning_rate=args.learning_rate, context_turns=args.context_turns,
         )
         t0 = time.perf_counter()
         result = train_reward_model(config)
@@ -65,7 +68,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "reward_hh_from_scratch",
         "command": " ".join(sys.argv),
-        "config": config.config, "soup_size": args.soup_size, "threads": args.threads, "max_minutes": args.max_minutes,
+        "config": config.config, "soup_size": args.soup_size, "learning_rate": args.learning_rate,
+        "context_turns": args.context_turns, "threads": args.threads, "max_minutes": args.max_minutes,
         "n_train": result.n_train_pairs, "n_validation": result.n_validation_pairs, "n_test": result.n_test_pairs,
         "test_accuracy": report.get("accuracy"),
         "best_validation_accuracy": result.best_validation_accuracy, "best_step": result.best_step,

@@ -444,16 +444,22 @@ class DialogTokenizer(Protocol):
 
 
 def render_reply(
-    tokenizer: DialogTokenizer, dialogue: Sequence[Mapping[str, str]], reply: str, max_seq_len: int
+    tokenizer: DialogTokenizer, dialogue: Sequence[Mapping[str, str]], reply: str, max_seq_len: int,
+    *, context_turns: int | None = None,
 ) -> list[int]:
     """Token ids of context + reply in the Llama 2 chat format, at most max_seq_len long.
 
-    Too long a conversation loses its oldest exchanges (user + assistant turns) first; if the last user turn
-    and the reply alone are still too long, the oldest tokens go, so the final answer, whose last token
-    carries the score, is always kept.
+    context_turns (odd: 1 is the last user turn alone, 3 adds the exchange before it) keeps only the newest
+    turns of the context; None keeps them all. Too long a conversation loses its oldest exchanges (user +
+    assistant turns) first; if the last user turn and the reply alone are still too long, the oldest tokens
+    go, so the final answer, whose last token carries the score, is always kept.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    if context_turns is not None:
+        if context_turns < 1 or context_turns % 2 == 0:
+            raise ValueError(f"context_turns must be odd and positive (the context ends with a user turn), got {context_turns}")
+        dialogue = list(dialogue)[-context_turns:]
     messages = [_message(m["role"], m["content"]) for m in dialogue] + [_message("assistant", reply)]
     while True:
         ids, _ = tokenizer.encode_dialog(messages, allow_special_tags=True)
@@ -482,7 +488,8 @@ class TokenizedPair:
 
 
 def tokenize_pairs(
-    tokenizer: DialogTokenizer, pairs: Iterable[PreferencePair], *, max_seq_len: int, margin_scheme: str = "none"
+    tokenizer: DialogTokenizer, pairs: Iterable[PreferencePair], *, max_seq_len: int, margin_scheme: str = "none",
+    context_turns: int | None = None,
 ) -> list[TokenizedPair]:
     """Render every pair's two conversations; the margin comes from the pair's strength (or its own margin)."""
     from rewards.losses import strength_margin
@@ -492,8 +499,8 @@ def tokenize_pairs(
         margin = p.margin if p.margin is not None and margin_scheme != "none" else strength_margin(p.strength, margin_scheme)
         out.append(
             TokenizedPair(
-                chosen_ids=tuple(render_reply(tokenizer, p.dialogue, p.chosen, max_seq_len)),
-                rejected_ids=tuple(render_reply(tokenizer, p.dialogue, p.rejected, max_seq_len)),
+                chosen_ids=tuple(render_reply(tokenizer, p.dialogue, p.chosen, max_seq_len, context_turns=context_turns)),
+                rejected_ids=tuple(render_reply(tokenizer, p.dialogue, p.rejected, max_seq_len, context_turns=context_turns)),
                 margin=float(margin),
                 strength=p.strength,
                 domain=p.domain,

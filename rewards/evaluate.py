@@ -154,7 +154,7 @@ def evaluate_reward_model(
     model_dir = resolve_reward_model_dir(model_dir)
     model, info = load_reward_model(model_dir, device=device)
     tokenizer = Tokenizer(str(model_dir / info.tokenizer_file))
-    items = tokenize_pairs(tokenizer, pairs, max_seq_len=info.max_seq_len)
+    items = tokenize_pairs(tokenizer, pairs, max_seq_len=info.max_seq_len, context_turns=info.context_turns)
     report = evaluate_items(model, items, batch_size=batch_size)
     report.update({"model": str(model_dir), "kind": info.kind})
     return report

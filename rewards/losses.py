@@ -44,13 +44,22 @@ def strength_margins(strengths: Sequence[str | None], scheme: str) -> torch.Tens
 
 
 def pairwise_ranking_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float | None = None
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float | None = None,
+    *, label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Mean of -log(sigmoid(r_chosen - r_rejected - margin)) over the batch (Llama 2, eq. 2)."""
+    """Mean of -log(sigmoid(r_chosen - r_rejected - margin)) over the batch (Llama 2, eq. 2).
+
+    With label_smoothing e, each pair counts as chosen-better with weight 1 - e and rejected-better with weight
+    e: -(1 - e) log sigmoid(d) - e log sigmoid(-d), whose minimum is at a finite difference d = log((1 - e) / e).
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if chosen.shape != rejected.shape:
         raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ in shape")
     diff = chosen.float() - rejected.float()  # (bsz,)
     if margin is not None:
         diff = diff - torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
     # logsigmoid is the numerically stable form of log(sigmoid(x)) for large |x|.
+    if label_smoothing:
+        return -((1.0 - label_smoothing) * F.logsigmoid(diff) + label_smoothing * F.logsigmoid(-diff)).mean()
     return -F.logsigmoid(diff).mean()

@@ -100,6 +100,7 @@ class RewardModelInfo:
     max_seq_len: int
     tokenizer_file: str = TOKENIZER_FILE
     metadata: dict[str, Any] = field(default_factory=dict)
+    context_turns: int | None = None  # the newest context turns the model reads (None: all), see render_reply
 
 
 def save_reward_model(
@@ -110,6 +111,7 @@ def save_reward_model(
     tokenizer_path: str | Path,
     max_seq_len: int,
     metadata: dict[str, Any] | None = None,
+    context_turns: int | None = None,
 ) -> Path:
     """Write a reward-model directory atomically: the Llama weights in Meta's format (llama/), the score head,
     a copy of the tokenizer and reward_model.json. An existing directory is replaced only once all is written."""
@@ -133,6 +135,8 @@ def save_reward_model(
             "tokenizer_file": TOKENIZER_FILE,
             "metadata": metadata or {},
         }
+        if context_turns is not None:
+            info["context_turns"] = context_turns
         (tmp / REWARD_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -168,6 +172,7 @@ def read_reward_model_info(path: str | Path) -> RewardModelInfo:
         max_seq_len=int(raw["max_seq_len"]),
         tokenizer_file=raw.get("tokenizer_file", TOKENIZER_FILE),
         metadata=raw.get("metadata", {}),
+        context_turns=raw.get("context_turns"),
     )
 
 

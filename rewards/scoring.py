@@ -14,11 +14,13 @@ from rewards.model import RewardModel, load_reward_model, resolve_reward_model_d
 class RewardScorer:
     """A loaded reward model with its tokenizer; `score` takes conversations as text."""
 
-    def __init__(self, model: RewardModel, tokenizer: object, *, kind: str, max_seq_len: int):
+    def __init__(self, model: RewardModel, tokenizer: object, *, kind: str, max_seq_len: int,
+                 context_turns: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.kind = kind
         self.max_seq_len = max_seq_len
+        self.context_turns = context_turns
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RewardScorer:
@@ -27,14 +29,16 @@ class RewardScorer:
 
         path = resolve_reward_model_dir(path)
         model, info = load_reward_model(path, device=device, dtype=dtype)
-        return cls(model, Tokenizer(path / info.tokenizer_file), kind=info.kind, max_seq_len=info.max_seq_len)
+        return cls(model, Tokenizer(path / info.tokenizer_file), kind=info.kind, max_seq_len=info.max_seq_len,
+                   context_turns=info.context_turns)
 
     def tokenize(self, dialogues: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of each dialogue (ending with a user turn) answered by its response."""
         if len(dialogues) != len(responses):
             raise ValueError(f"{len(dialogues)} dialogues but {len(responses)} responses")
         return [
-            render_reply(self.tokenizer, check_dialogue(d), r, self.max_seq_len)  # type: ignore[arg-type]
+            render_reply(self.tokenizer, check_dialogue(d), r, self.max_seq_len,  # type: ignore[arg-type]
+                         context_turns=self.context_turns)
             for d, r in zip(dialogues, responses, strict=True)
         ]
 

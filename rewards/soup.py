@@ -84,7 +84,7 @@ def train_reward_soup(
     out_dir = Path(config.out_dir)
     metadata = {**info.metadata, "soup": {"size": len(finished), "ingredients": [str(d) for d in finished]}}
     save_reward_model(soup, out_dir / "model", kind=config.kind, tokenizer_path=finished[0] / info.tokenizer_file,
-                      max_seq_len=info.max_seq_len, metadata=metadata)
+                      max_seq_len=info.max_seq_len, metadata=metadata, context_turns=info.context_turns)
 
     _, _, test = load_pairs(config, pairs)
     test_report = evaluate_reward_model(out_dir / "model", test) if test else None

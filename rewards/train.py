@@ -52,14 +52,14 @@ REPORT_FILE = "eval_report.json"
 _RECIPE_FIELDS = (
     "max_seq_len", "global_batch_size", "micro_batch_size", "learning_rate", "epochs",
     "validation_fraction", "eval_every", "early_stopping_patience", "token_dropout", "weight_decay",
-    "ema_decay", "min_token_count", "lm_pretrain_epochs", "soup_size",
+    "ema_decay", "min_token_count", "lm_pretrain_epochs", "soup_size", "context_turns",
 )
 # The report's recipe for a model initialised from a chat checkpoint (section 3.2.2), but 64 pairs a step
 # rather than 512 so that a few hundred pairs still train: pass --global-batch-size 512 for the report's setting.
 _FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_seq_len=1024, global_batch_size=64, micro_batch_size=4, learning_rate=1e-5, epochs=1,
     validation_fraction=0.0, eval_every=0, early_stopping_patience=None, token_dropout=0.0, weight_decay=0.1,
-    ema_decay=0.0, min_token_count=0, lm_pretrain_epochs=0, soup_size=1,
+    ema_decay=0.0, min_token_count=0, lm_pretrain_epochs=0, soup_size=1, context_turns=0,
 )
 
 
@@ -80,6 +80,7 @@ class RewardTrainConfig:
     other_ratio: float = 1.0  # helpfulness RM: other data drawn per helpfulness pair
     helpfulness_fraction: float = 0.1  # safety RM: share of helpfulness data in the mix
     margin: str = "none"  # Table 27 margin scheme: none | small | large
+    label_smoothing: float = 0.0  # weight of the reversed label in the ranking loss (0: the report's loss)
     max_seq_len: int | None = None
     global_batch_size: int | None = None  # pairs per optimizer step, over all processes
     micro_batch_size: int | None = None  # pairs per forward pass on one process
@@ -109,6 +110,7 @@ class RewardTrainConfig:
     min_token_count: int | None = None  # tokens seen fewer times in the training pairs share one embedding
     lm_pretrain_epochs: int | None = None  # next-token epochs on the training conversations before ranking
     soup_size: int | None = None  # train this many runs from one initialisation and average their weights
+    context_turns: int | None = None  # read only the newest turns of the context (odd; 0: all), saved with the model
     device: str | None = None
     bf16: bool = True  # autocast to bfloat16 on GPU
     num_threads: int | None = None
@@ -269,7 +271,8 @@ def _load_data(config: RewardTrainConfig, pairs: Sequence[PreferencePair] | None
     if not train:
         raise ValueError("the data has no training pairs")
     assert config.max_seq_len is not None
-    tok = lambda ps: tokenize_pairs(tokenizer, ps, max_seq_len=config.max_seq_len, margin_scheme=config.margin)  # noqa: E731
+    tok = lambda ps: tokenize_pairs(tokenizer, ps, max_seq_len=config.max_seq_len, margin_scheme=config.margin,  # noqa: E731
+                                    context_turns=config.context_turns or None)
     data = _Data(tok(train), tok(validation), tok(test), str(tokenizer_path), tokenizer.n_words)
     if config.min_token_count:
         data.rare_target = tokenizer.eos_id + 1 if tokenizer.eos_id + 1 < tokenizer.n_words else 0
@@ -310,7 +313,7 @@ def tie_rare_embeddings(model: RewardModel, rare_ids: Sequence[int], target: int
     if rare_ids:
         weight = model.transformer.tok_embeddings.weight
         index = torch.tensor(list(rare_ids), device=weight.device)
-        weight[index] = weight[target].expand(len(rare_ids), -1)
+        weight[index] = weight[target].clone().expand(len(rare_ids), -1)  # a copy: a view of weight overlaps it
 
 
 def _find_tokenizer(init: Path) -> str:
@@ -580,7 +583,8 @@ def train_reward_model(
             with (nullcontext() if sync else ddp_model.no_sync()), autocast:  # type: ignore[operator]
                 scores = ddp_model(tokens.to(ctx.device), lengths=seq_lengths.to(ctx.device))  # (2 * b,)
                 chosen, rejected = scores[: len(idx)], scores[len(idx) :]
-                loss = pairwise_ranking_loss(chosen, rejected, margins.to(ctx.device)) * len(idx)
+                loss = pairwise_ranking_loss(chosen, rejected, margins.to(ctx.device),
+                                             label_smoothing=config.label_smoothing) * len(idx)
                 # DDP averages gradients over processes; scaling by world / global makes the result the
                 # gradient of the mean loss over the whole global batch, as on one process.
                 (loss * ctx.world_size / config.global_batch_size).backward()
@@ -657,7 +661,8 @@ def train_reward_model(
         }
         tie_rare_embeddings(model, data.rare_ids, data.rare_target)
         save_reward_model(model, out_dir / "model", kind=config.kind, tokenizer_path=data.tokenizer_path,
-                          max_seq_len=config.max_seq_len or model.args.max_seq_len, metadata=metadata)
+                          max_seq_len=config.max_seq_len or model.args.max_seq_len, metadata=metadata,
+                          context_turns=config.context_turns or None)
         if data.test:
             test_report = evaluate_items(model, data.test, batch_size=config.micro_batch_size)
             (out_dir / REPORT_FILE).write_text(json.dumps(test_report, indent=2) + "\n")
@@ -696,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("max-seq-len", int), ("global-batch-size", int), ("micro-batch-size", int),
                        ("learning-rate", float), ("epochs", int), ("max-steps", int), ("validation-fraction", float),
                        ("eval-every", int), ("early-stopping-patience", int), ("stop-after-steps", int),
-                       ("soup-size", int)):
+                       ("soup-size", int), ("context-turns", int)):
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--no-resume", dest="resume", action="store_false")

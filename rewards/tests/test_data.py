@@ -242,3 +242,18 @@ def test_the_plain_records_do_not_import_torch():
     code = "import sys, rewards.data; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
+
+
+def test_render_can_keep_only_the_newest_context_turns(llama_tokenizer):
+    tok = Tokenizer(llama_tokenizer)
+    dialogue = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
+                {"role": "user", "content": "last question"}]
+    last = render_reply(tok, dialogue, "final answer", 1000, context_turns=1)
+    assert last == tok.encode_dialog([dialogue[-1], {"role": "assistant", "content": "final answer"}])[0]
+    assert render_reply(tok, dialogue, "final answer", 1000, context_turns=3) == render_reply(tok, dialogue, "final answer", 1000)
+    assert render_reply(tok, dialogue, "final answer", 1000, context_turns=5) == render_reply(tok, dialogue, "final answer", 1000)
+    pair = PreferencePair(dialogue=dialogue, chosen="final answer", rejected="no")
+    assert tokenize_pairs(tok, [pair], max_seq_len=1000, context_turns=1)[0].chosen_ids == tuple(last)
+    for bad in (0, 2):
+        with pytest.raises(ValueError, match="context_turns"):
+            render_reply(tok, dialogue, "final answer", 1000, context_turns=bad)

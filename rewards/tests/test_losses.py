@@ -56,3 +56,21 @@ def test_unknown_strength_or_scheme_is_an_error():
         strength_margin("better", "huge")
     with pytest.raises(ValueError, match="shape"):
         pairwise_ranking_loss(torch.zeros(2), torch.zeros(3))
+
+
+def test_label_smoothing_weighs_the_reversed_label():
+    chosen, rejected = torch.tensor([2.0, -1.0]), torch.tensor([0.0, 0.0])
+    d = chosen - rejected
+    expected = -(0.9 * torch.nn.functional.logsigmoid(d) + 0.1 * torch.nn.functional.logsigmoid(-d)).mean()
+    torch.testing.assert_close(pairwise_ranking_loss(chosen, rejected, label_smoothing=0.1), expected)
+    # its minimum is at a finite difference, log(0.9 / 0.1)
+    at = torch.tensor([math.log(9.0)], requires_grad=True)
+    pairwise_ranking_loss(at, torch.zeros(1), label_smoothing=0.1).backward()
+    assert abs(float(at.grad)) < 1e-6
+    assert pairwise_ranking_loss(chosen, rejected, label_smoothing=0.0) == pairwise_ranking_loss(chosen, rejected)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.5])
+def test_label_smoothing_must_leave_the_label_in_charge(bad):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        pairwise_ranking_loss(torch.zeros(1), torch.zeros(1), label_smoothing=bad)

@@ -49,3 +49,15 @@ def test_mismatched_inputs_are_errors(saved):
         scorer.score(DIALOGUES, RESPONSES[:2])
     with pytest.raises(ValueError, match="end with a user turn"):
         scorer.score([[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]], ["c"])
+
+
+def test_a_model_that_reads_the_last_user_turn_is_scored_so(tmp_path, tiny_args, stories_tokenizer):
+    torch.manual_seed(0)
+    path = save_reward_model(RewardModel.from_args(tiny_args), tmp_path / "m", kind="safety",
+                             tokenizer_path=stories_tokenizer, max_seq_len=64, context_turns=1)
+    scorer = RewardScorer.load(path)
+    assert scorer.context_turns == 1
+    scores = scorer.score(DIALOGUES, RESPONSES)
+    ids = render_reply(scorer.tokenizer, DIALOGUES[1][-1:], RESPONSES[1], 64)
+    torch.testing.assert_close(scores[1], scorer.model(torch.tensor([ids]), lengths=torch.tensor([len(ids)]))[0],
+                               rtol=1e-5, atol=1e-5)

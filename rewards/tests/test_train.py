@@ -216,3 +216,30 @@ def test_a_soup_averages_its_ingredients(train_config):
 def test_a_soup_leaves_out_ingredients_that_the_time_budget_stopped(train_config):
     with pytest.raises(ValueError, match="no ingredient of the soup finished"):
         train_reward_model(train_config(soup_size=3, max_minutes=1e-4))
+
+
+def test_a_single_rare_token_is_tied_too():
+    # one rare id made the shared row's view overlap the written rows (a RuntimeError before the copy)
+    from rewards.model import RewardModel
+    from rewards.train import tie_rare_embeddings
+    from training.llama.model import ModelArgs
+
+    model = RewardModel.from_args(ModelArgs(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=16, multiple_of=8,
+                                            max_seq_len=8))
+    tie_rare_embeddings(model, [5], 3)
+    rows = model.transformer.tok_embeddings.weight
+    assert torch.equal(rows[5], rows[3])
+    assert not torch.equal(rows[4], rows[3])
+
+
+def test_context_turns_is_saved_with_the_model_and_used_to_evaluate_it(train_config, synthetic_file):
+    from rewards.evaluate import evaluate_reward_model_dir
+    from rewards.model import read_reward_model_info
+
+    result = train_reward_model(train_config(context_turns=1, max_steps=3))
+    assert read_reward_model_info(Path(result.out_dir) / "model").context_turns == 1
+    report = evaluate_reward_model_dir(Path(result.out_dir) / "model", [synthetic_file], "trl", split="test",
+                                       test_fraction=0.25)
+    assert report["mean_margin"] == pytest.approx(result.test_report["mean_margin"], abs=1e-5)
+    plain = train_reward_model(train_config(max_steps=3, out_dir=str(Path(result.out_dir).parent / "plain")))
+    assert read_reward_model_info(Path(plain.out_dir) / "model").context_turns is None
