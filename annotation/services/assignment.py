@@ -238,9 +238,7 @@ def annotation_submit(
     if status == AssignmentStatus.EXPIRED:
         # Expired by its time running out, or by the batch's close: the status read with the lock above can
         # predate a close this submit waited for, so read it again.
-        if _fetchone(f"SELECT b.status FROM {_T['Batch']} b JOIN {_T['ComparisonTask']} t ON t.batch_id = b.id"
-                     " WHERE t.id = %s", [task_id])[0] != BatchStatus.OPEN:
-            raise BatchClosed(f"batch {batch_name!r} is closed; this task can no longer be annotated")
+        _refuse_if_batch_closed(task_id)
         raise LeaseExpired(f"your lease on task {task_id} expired and the task went back to the pool")
 
     # Lock order everywhere: slot, then task. The task lock is NO KEY UPDATE so that concurrent claims,
@@ -273,6 +271,14 @@ def annotation_submit(
 
         continuation = dialogue_continue(annotation=annotation, user_text=continue_with)
     return SubmitResult(annotation=annotation, created=True, continuation=continuation)
+
+
+def _refuse_if_batch_closed(task_id: int) -> None:
+    """BatchClosed if the task's batch is closed, read afresh (not from a snapshot that predates the close)."""
+    status, name = _fetchone(f"SELECT b.status, b.name FROM {_T['Batch']} b JOIN {_T['ComparisonTask']} t"
+                             " ON t.batch_id = b.id WHERE t.id = %s", [task_id])
+    if status != BatchStatus.OPEN:
+        raise BatchClosed(f"batch {name!r} is closed; this task can no longer be annotated")
 
 
 def _submission_record_portable(fields: dict, *, slot_id: int | None, now: datetime) -> Annotation:
@@ -330,6 +336,8 @@ def assignment_give_back(*, user, task_id: int, skip: bool, now: datetime | None
     if assignment is None:
         raise NotFound(f"task {task_id} is not assigned to you")
     if assignment.status != AssignmentStatus.LEASED:
+        if assignment.status == AssignmentStatus.EXPIRED:
+            _refuse_if_batch_closed(task_id)  # closing a batch ends its leases
         raise Conflict(f"task {task_id} is {assignment.status}, not leased; nothing to give back")
     assignment.status = AssignmentStatus.SKIPPED if skip else AssignmentStatus.RELEASED
     assignment.finished_at = now

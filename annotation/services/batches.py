@@ -19,15 +19,20 @@ def batch_close(*, batch_id: int) -> Batch:
     The split is drawn with a seed derived from the batch, so it is fixed and reproducible; gold tasks
     belong to neither split.
     """
-    batch = Batch.objects.select_for_update().get(pk=batch_id)
+    # NO KEY UPDATE: enough to serialise two closes, and it lets a submit under way insert rows that refer to
+    # the batch (a dialogue's continuation task takes KEY SHARE on it), which a plain FOR UPDATE would make
+    # wait for this close while this close waits for that submit's lease below: a deadlock.
+    batch = Batch.objects.select_for_update(no_key=True).get(pk=batch_id)
     if batch.status == BatchStatus.CLOSED:
         raise Conflict(f"batch {batch.name!r} is already closed")
     # The leases still held end here. The submit locks its assignment and reads the batch's status without
     # locking the batch (the hot path stays free of a shared row lock); updating the leased assignments
     # takes their locks, so a submit already under way commits first and is counted in the batch, and one that
-    # comes after finds its lease ended and is refused. Their slots are left as they are: no claim reads a
-    # closed batch, and freeing them here would lock slots after assignments, the reverse of a claim that takes
-    # over an expired lease.
+    # comes after finds its lease ended and is refused. A claim that read the batch as open just before this
+    # commits can still lease a task in it; its submit is refused the same way (it reads the batch's status
+    # afresh), and the annotator's next claim ends that lease. The slots are left leased: freeing them here
+    # would lock slots after assignments, the reverse of a claim that takes over an expired lease, and no
+    # claim serves a closed batch's slots.
     now = timezone.now()
     # The status test stays in the UPDATE's own WHERE (no join, which Django would turn into `id IN (SELECT ...)`
     # read before the wait): after waiting for a submit, PostgreSQL checks it again on the row it committed.

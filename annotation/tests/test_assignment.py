@@ -7,7 +7,8 @@ from django.utils import timezone
 from annotation.models import Annotation, Assignment, Batch, ComparisonTask, TaskSlot
 from annotation.services import assignment as assignment_service
 from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
-from annotation.services.errors import LeaseExpired
+from annotation.services.batches import batch_close
+from annotation.services.errors import BatchClosed, LeaseExpired
 
 from .factories import BatchFactory, annotator, make_tasks
 
@@ -187,3 +188,17 @@ def test_the_single_statement_submit_writes_what_the_portable_path_writes(monkey
              for rows in portable]
     assert strip == single_statement
     assert {status for _, _, status in single_statement[3]} == {"complete", "open"}
+
+
+def test_closing_a_batch_ends_its_leases_and_skipping_one_afterwards_says_the_batch_closed():
+    batch = BatchFactory()
+    make_tasks(batch, 2)
+    user = annotator()
+    lease = assignment_claim_next(user=user)
+    batch_close(batch_id=batch.pk)
+    assert Assignment.objects.get(pk=lease.pk).status == "expired"
+    with pytest.raises(BatchClosed, match="is closed"):
+        assignment_give_back(user=user, task_id=lease.task_id, skip=True)
+    with pytest.raises(BatchClosed, match="is closed"):
+        submit(user, lease)
+    assert assignment_claim_next(user=user) is None

@@ -105,8 +105,9 @@ def leased_task():
     return batch, user, lease
 
 
-def submit(user, lease):
-    return annotation_submit(user=user, task_id=lease.task_id, choice="a", strength="better", time_on_task_ms=9000)
+def submit(user, lease, **kw):
+    return annotation_submit(user=user, task_id=lease.task_id, choice="a", strength="better", time_on_task_ms=9000,
+                             **kw)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -132,6 +133,8 @@ def test_a_submit_that_comes_while_the_batch_closes_is_refused_and_stores_nothin
 
 @pytest.mark.django_db(transaction=True)
 def test_a_submit_under_way_when_the_batch_closes_is_kept_and_the_close_waits_for_it():
+    """The close's expiry of leased assignments must test the status on the row the submit committed (not on a
+    subquery read before the wait), or it would expire the lease just submitted."""
     if connection.vendor != "postgresql":
         pytest.skip("the race needs concurrent transactions (CI runs this on PostgreSQL)")
     batch, user, lease = leased_task()
@@ -151,3 +154,35 @@ def test_a_submit_under_way_when_the_batch_closes_is_kept_and_the_close_waits_fo
     assert ComparisonTask.objects.get(pk=lease.task_id).annotation_count == 1
     closed = Batch.objects.get(pk=batch.pk)
     assert closed.status == "closed" and annotation.created_at <= closed.closed_at
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_submit_that_continues_the_dialogue_while_the_batch_closes_does_not_deadlock(monkeypatch):
+    """The continuation's new task refers to the batch (KEY SHARE on its row) while the close waits for the
+    submit's lease: the close must hold the batch with a lock that lets that through."""
+    if connection.vendor != "postgresql":
+        pytest.skip("the race needs concurrent transactions (CI runs this on PostgreSQL)")
+    from annotation.services import dialogues
+
+    batch, user, lease = leased_task()
+    original = dialogues.dialogue_continue
+    locked, go_on = threading.Event(), threading.Event()
+
+    def paused(**kwargs):
+        locked.set()  # the submit holds its lease here, its continuation still to write
+        go_on.wait(30)
+        return original(**kwargs)
+
+    monkeypatch.setattr(dialogues, "dialogue_continue", paused)
+    submitter, submitting = in_thread(lambda: submit(user, lease, continue_with="And then?"))
+    assert locked.wait(30)
+    closer, closing = in_thread(lambda: batch_close(batch_id=batch.pk))
+    closer.join(0.5)
+    assert closer.is_alive()  # it waits for the lease the submit holds
+    go_on.set()
+    submitter.join(30)
+    closer.join(30)
+    assert "error" not in submitting and "error" not in closing, (submitting, closing)
+    assert submitting["result"].continuation.batch_id == batch.pk
+    assert Batch.objects.get(pk=batch.pk).status == "closed"
+    assert ComparisonTask.objects.filter(batch=batch, status="awaiting_responses").count() == 1
