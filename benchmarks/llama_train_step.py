@@ -55,7 +55,7 @@ def hh_sft_batch(batch: int, seq_len: int):
     """
     sys.path.insert(0, str(REPO_ROOT))
     from rewards.data import read_hh_rlhf
-    from training.llama.packing import pack_examples
+    from training.llama.packing import PackedDocuments, pack_examples
     from training.llama.tokenizer import Tokenizer
 
     pairs_path = SHARED_DATA / "hh-rlhf-harmless" / "pairs.jsonl.gz"
@@ -73,9 +73,11 @@ def hh_sft_batch(batch: int, seq_len: int):
     n_rows = packed.tokens.shape[0]
     rows = [i * n_rows // batch for i in range(batch)]
     tokens, targets, positions = packed.tokens[rows], packed.targets[rows], packed.position_ids[rows]
-    n_docs = sum(int((positions[r] == 0).sum()) for r in range(batch))
+    # dialogues in the chosen rows (the padding at a row's end is a document too, with no targets)
+    n_docs = sum(len([b for b in bounds if bool((targets[r, b[0]:b[1]] != -100).any())])
+                 for r, bounds in enumerate(PackedDocuments.from_position_ids(positions).bounds))
     about = {"dialogues": len(examples), "rows_packed": n_rows, "fill": round(packed.fill, 3),
-             "truncated": packed.n_truncated, "documents_in_batch": n_docs,
+             "truncated": packed.n_truncated, "dialogues_in_batch": n_docs,
              "target_fraction": round(float((targets[:, :-1] != -100).float().mean()), 3)}
     # a row of seq_len + 1 packed tokens: the inputs are its first seq_len, each with its own target already
     return tokens[:, :-1].contiguous(), targets[:, :-1].contiguous(), positions[:, :-1].contiguous(), about
@@ -212,6 +214,8 @@ def main() -> None:
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.data == "hh-sft" and opts.vocab != 32000:
+        parser.error("--data hh-sft uses the Llama 2 tokenizer: --vocab must be 32000")
     if opts.impl:
         child(opts)
         return

@@ -467,7 +467,8 @@ class Transformer(nn.Module):
         if position_ids.shape != tokens.shape:
             raise ValueError(f"position_ids must have the shape of tokens {tuple(tokens.shape)}, "
                              f"got {tuple(position_ids.shape)}")
-        if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.args.max_seq_len:
+        low, high = position_ids.aminmax() if position_ids.numel() else (0, 0)
+        if int(low) < 0 or int(high) >= self.args.max_seq_len:
             raise ValueError(f"position_ids must lie in 0..{self.args.max_seq_len - 1} (max_seq_len)")
         device = self.tok_embeddings.weight.device
         freqs_cis = self.freqs_cis(device)[position_ids.to(device)][:, None]
@@ -476,6 +477,7 @@ class Transformer(nn.Module):
             return None, freqs_cis  # one document a row: plain causal attention
         if compiled:
             # compiled blocks would recompile for every new set of document bounds; a mask tensor keeps one graph
+            # (compiling the whole model instead of its blocks would recompile for every new layout of documents)
             return documents.dense_mask(tokens.shape[1], device), freqs_cis
         return documents, freqs_cis
 
