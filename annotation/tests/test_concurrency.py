@@ -117,7 +117,8 @@ def test_a_submit_that_comes_while_the_batch_closes_is_refused_and_stores_nothin
     batch, user, lease = leased_task()
     hold, closed = threading.Event(), threading.Event()
     closer, closing = in_thread(lambda: batch_close(batch_id=batch.pk), hold=hold, done=closed)
-    assert closed.wait(30) and "error" not in closing
+    assert closed.wait(30)
+    assert "error" not in closing
     # The close has not committed: the batch still reads as open, and the submit waits for the lease it holds.
     submitter, submitting = in_thread(lambda: submit(user, lease))
     submitter.join(0.5)
@@ -140,7 +141,8 @@ def test_a_submit_under_way_when_the_batch_closes_is_kept_and_the_close_waits_fo
     batch, user, lease = leased_task()
     hold, submitted = threading.Event(), threading.Event()
     submitter, submitting = in_thread(lambda: submit(user, lease), hold=hold, done=submitted)
-    assert submitted.wait(30) and "error" not in submitting
+    assert submitted.wait(30)
+    assert "error" not in submitting
     closer, closing = in_thread(lambda: batch_close(batch_id=batch.pk))
     closer.join(0.5)
     assert closer.is_alive()  # it waits for the submit's lock on the lease
@@ -153,7 +155,8 @@ def test_a_submit_under_way_when_the_batch_closes_is_kept_and_the_close_waits_fo
     assert Assignment.objects.get(pk=lease.pk).status == "submitted"
     assert ComparisonTask.objects.get(pk=lease.task_id).annotation_count == 1
     closed = Batch.objects.get(pk=batch.pk)
-    assert closed.status == "closed" and annotation.created_at <= closed.closed_at
+    assert closed.status == "closed"
+    assert annotation.created_at <= closed.closed_at
 
 
 @pytest.mark.django_db(transaction=True)
@@ -182,7 +185,8 @@ def test_a_submit_that_continues_the_dialogue_while_the_batch_closes_does_not_de
     go_on.set()
     submitter.join(30)
     closer.join(30)
-    assert "error" not in submitting and "error" not in closing, (submitting, closing)
+    assert "error" not in submitting, submitting
+    assert "error" not in closing, closing
     assert submitting["result"].continuation.batch_id == batch.pk
     assert Batch.objects.get(pk=batch.pk).status == "closed"
     assert ComparisonTask.objects.filter(batch=batch, status="awaiting_responses").count() == 1

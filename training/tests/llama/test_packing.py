@@ -31,13 +31,18 @@ def test_pack_examples_fills_rows_longest_first_with_targets_inside_each_example
     examples = random_examples([5, 9, 3, 7, 4])
     batch = pack_examples(examples, 12, pad_id=0)
     # first-fit by length: [9, 3], [7, 5], [4] (+ padding); within a row the examples keep their given order
-    assert batch.tokens.shape == (3, 12) and batch.n_examples == 5 and batch.n_truncated == 0
+    assert batch.tokens.shape == (3, 12)
+    assert batch.n_examples == 5
+    assert batch.n_truncated == 0
     assert batch.fill == pytest.approx(28 / 36)
-    assert batch.tokens[0, :9].tolist() == examples[1][0] and batch.tokens[0, 9:].tolist() == examples[2][0]
-    assert batch.tokens[1, :5].tolist() == examples[0][0] and batch.tokens[1, 5:].tolist() == examples[3][0]
+    assert batch.tokens[0, :9].tolist() == examples[1][0]
+    assert batch.tokens[0, 9:].tolist() == examples[2][0]
+    assert batch.tokens[1, :5].tolist() == examples[0][0]
+    assert batch.tokens[1, 5:].tolist() == examples[3][0]
     assert batch.position_ids[0].tolist() == [*range(9), *range(3)]
     assert batch.position_ids[2].tolist() == [*range(4), *range(8)]  # the padding is a document of its own
-    assert batch.tokens[2, 4:].eq(0).all() and batch.targets[2, 3:].eq(-100).all()
+    assert batch.tokens[2, 4:].eq(0).all()
+    assert batch.targets[2, 3:].eq(-100).all()
     ids, mask = examples[1]
     expected = [ids[t + 1] if mask[t + 1] else -100 for t in range(8)] + [-100]  # no target past the example
     assert batch.targets[0, :9].tolist() == expected
@@ -45,7 +50,8 @@ def test_pack_examples_fills_rows_longest_first_with_targets_inside_each_example
 
 def test_pack_examples_cuts_long_examples_and_refuses_bad_ones():
     batch = pack_examples(random_examples([20, 4]), 8)
-    assert batch.n_truncated == 1 and batch.tokens.shape == (2, 8)
+    assert batch.n_truncated == 1
+    assert batch.tokens.shape == (2, 8)
     with pytest.raises(ValueError, match="example 1: 3 token ids but a loss mask of 2"):
         pack_examples([([1, 2], [True, True]), ([1, 2, 3], [True, False])], 8)
     with pytest.raises(ValueError, match="example 0 has no tokens"):
