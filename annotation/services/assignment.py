@@ -102,8 +102,9 @@ class _Slot:
     gold_rate: float
 
 
-def _next_slot(user, domains: list[str], now: datetime) -> _Slot | None:
-    """Lock the first claimable slot: oldest batch first, then oldest task; skip rows others hold.
+def _next_slot(user, domains: list[str], now: datetime, passed_over: list[int] = ()) -> _Slot | None:
+    """Lock the first claimable slot: oldest batch first, then oldest task; skip rows others hold and the
+    slots `passed_over`.
 
     One index range scan per (batch, domain) on the partial index of unfilled slots, in task order, so a
     claim costs the same with 2,000 or 200,000 tasks in the pool.
@@ -116,12 +117,13 @@ def _next_slot(user, domains: list[str], now: datetime) -> _Slot | None:
         " WHERE s.batch_id = %s AND s.domain = %s"
         " AND (s.state = 'free' OR (s.state = 'leased' AND s.lease_expires_at < %s))"
         f" AND NOT EXISTS (SELECT 1 FROM {_T['Assignment']} x WHERE x.task_id = s.task_id AND x.annotator_id = %s)"
-        " ORDER BY s.task_id, s.\"index\" LIMIT 1" + _for_update(skip_locked=True)
+        + (f" AND s.id NOT IN ({', '.join(['%s'] * len(passed_over))})" if passed_over else "")
+        + " ORDER BY s.task_id, s.\"index\" LIMIT 1" + _for_update(skip_locked=True)
     )
     stamp = connection.ops.adapt_datetimefield_value(now)
     for batch_id, lease_seconds, gold_rate in batches:
         for domain in domains:
-            row = _fetchone(sql, [batch_id, domain, stamp, user.pk])
+            row = _fetchone(sql, [batch_id, domain, stamp, user.pk, *passed_over])
             if row is not None:
                 return _Slot(*row, batch_id=batch_id, lease_seconds=lease_seconds, gold_rate=gold_rate)
     return None
@@ -136,6 +138,17 @@ def _next_gold_task(user, domains: list[str], batch_id: int) -> ComparisonTask |
         .order_by("id")
         .first()
     )
+
+
+def _lock_for_take_over(assignment_id: int) -> bool:
+    """Lock the assignment of an expired lease whose slot this claim holds, unless someone holds it already.
+
+    The holder's own paths (a late submit, a skip, an expiry) lock the assignment first and its slot second;
+    a claim holds the slot already, so waiting here for the assignment would deadlock with them. A held
+    assignment means its holder is acting on it now: the claim passes this slot over.
+    """
+    return _fetchone(f"SELECT id FROM {_T['Assignment']} WHERE id = %s" + _for_update(skip_locked=True),
+                     [assignment_id]) is not None
 
 
 @transaction.atomic
@@ -161,6 +174,10 @@ def assignment_claim_next(*, user, now: datetime | None = None) -> Assignment | 
     if not domains:
         return None
     slot = _next_slot(user, domains, now)
+    passed_over: list[int] = []
+    while slot is not None and slot.state == SlotState.LEASED and not _lock_for_take_over(slot.assignment_id):
+        passed_over.append(slot.id)
+        slot = _next_slot(user, domains, now, passed_over)
     if slot is None:
         return None
     expires_at = now + timedelta(seconds=slot.lease_seconds)
@@ -172,7 +189,8 @@ def assignment_claim_next(*, user, now: datetime | None = None) -> Assignment | 
             return Assignment.objects.create(task=gold, annotator=user, leased_at=now, expires_at=expires_at)
 
     if slot.state == SlotState.LEASED:
-        # Taking over a slot whose lease ran out: the old holder can no longer submit it.
+        # Taking over a slot whose lease ran out (its assignment locked above): the old holder can no longer
+        # submit it.
         Assignment.objects.filter(pk=slot.assignment_id).update(status=AssignmentStatus.EXPIRED, finished_at=now)
     assignment = Assignment.objects.create(task_id=slot.task_id, annotator=user, leased_at=now, expires_at=expires_at)
     TaskSlot.objects.filter(pk=slot.id).update(

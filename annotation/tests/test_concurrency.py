@@ -2,11 +2,13 @@
 
 import threading
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 from django.db import connection, connections, transaction
+from django.utils import timezone
 
-from annotation.models import Annotation, Assignment, Batch, ComparisonTask
+from annotation.models import Annotation, Assignment, Batch, ComparisonTask, TaskSlot
 from annotation.services.assignment import annotation_submit, assignment_claim_next
 from annotation.services.batches import batch_close
 from annotation.services.errors import BatchClosed
@@ -190,3 +192,59 @@ def test_a_submit_that_continues_the_dialogue_while_the_batch_closes_does_not_de
     assert submitting["result"].continuation.batch_id == batch.pk
     assert Batch.objects.get(pk=batch.pk).status == "closed"
     assert ComparisonTask.objects.filter(batch=batch, status="awaiting_responses").count() == 1
+
+
+def expired_lease(lease):
+    """Run the lease out in the database: its slot becomes claimable by others."""
+    leased_at = timezone.now() - timedelta(hours=1)
+    past = leased_at + timedelta(minutes=15)
+    Assignment.objects.filter(pk=lease.pk).update(leased_at=leased_at, expires_at=past)
+    TaskSlot.objects.filter(assignment_id=lease.pk).update(lease_expires_at=past)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("holder_action", ["claims again", "submits late"])
+def test_a_claim_taking_over_an_expired_lease_passes_it_over_while_its_holder_acts_on_it(monkeypatch, holder_action):
+    """The claim holds the slot and wants the old assignment; the holder (claiming again, or submitting late)
+    holds the assignment and wants the slot. The claim must not wait (the two would deadlock): it passes the
+    slot over, and the holder's action goes through."""
+    if connection.vendor != "postgresql":
+        pytest.skip("the race needs concurrent transactions (CI runs this on PostgreSQL)")
+    from annotation.services import assignment as service
+
+    batch = BatchFactory()
+    make_tasks(batch, 1)
+    holder, taker = annotator("holder"), annotator("taker")
+    lease = assignment_claim_next(user=holder)
+    expired_lease(lease)
+    original = service._next_slot
+    locked, go_on = threading.Event(), threading.Event()
+
+    def paused(user, *args):
+        slot = original(user, *args)
+        if user.pk == taker.pk and not locked.is_set():
+            locked.set()  # the taker holds the slot's lock, about to lock the holder's assignment
+            go_on.wait(30)
+        return slot
+
+    monkeypatch.setattr(service, "_next_slot", paused)
+    taking, took = in_thread(lambda: assignment_claim_next(user=taker))
+    assert locked.wait(30)
+    if holder_action == "claims again":
+        acting, acted = in_thread(lambda: assignment_claim_next(user=holder))
+    else:
+        acting, acted = in_thread(lambda: submit(holder, lease))
+    acting.join(1)
+    assert acting.is_alive()  # the holder holds its assignment and waits for the slot
+    go_on.set()
+    acting.join(30)
+    taking.join(30)
+    assert took == {"result": None}  # the only slot was passed over, without waiting
+    if holder_action == "claims again":
+        assert acted == {"result": None}  # its lease ended, and it never gets the same task twice
+        assert Assignment.objects.get(pk=lease.pk).status == "expired"
+        assert TaskSlot.objects.get(task_id=lease.task_id).state == "free"
+    else:
+        assert "error" not in acted, acted  # nobody took the slot over: the late submit is honoured
+        assert Annotation.objects.get().task_id == lease.task_id
+        assert TaskSlot.objects.get(task_id=lease.task_id).state == "filled"
