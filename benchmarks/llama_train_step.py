@@ -142,9 +142,9 @@ def child(opts: argparse.Namespace) -> None:
             for layer in model.model.layers:
                 layer.compile()
     if opts.data == "hh-sft":
-        inputs, targets, position_ids, _ = hh_sft_batch(opts.batch, opts.seq_len)
+        inputs, targets, position_ids, batch_about = hh_sft_batch(opts.batch, opts.seq_len)
     else:
-        (inputs, targets), position_ids = packed_batch(opts.batch, opts.seq_len, vocab_size, seed=0), None
+        (inputs, targets), position_ids, batch_about = packed_batch(opts.batch, opts.seq_len, vocab_size, seed=0), None, None
 
     def step() -> float:
         if opts.fused_loss and opts.impl == "ours":
@@ -183,6 +183,7 @@ def child(opts: argparse.Namespace) -> None:
         "first_loss": losses[0],
         "peak_rss_mib": peak / 2**20,
         "peak_over_loaded_mib": (peak - rss_loaded) / 2**20,
+        "batch": batch_about,
     }))
 
 
@@ -229,7 +230,6 @@ def main() -> None:
     args = ModelArgs(dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads, n_kv_heads=opts.kv_heads,
                      vocab_size=opts.vocab, max_seq_len=max(2048, opts.seq_len))
     torch.manual_seed(0)
-    batch_about = hh_sft_batch(opts.batch, opts.seq_len)[3] if opts.data == "hh-sft" else None
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_checkpoint(Transformer(args), tmp)
@@ -268,7 +268,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "llama_train_step",
         "config": {**{k: v for k, v in vars(opts).items() if k not in ("impl", "checkpoint")},
-                   "params": n_params, "dtype": "float32", "torch": torch.__version__, "batch": batch_about},
+                   "params": n_params, "dtype": "float32", "torch": torch.__version__,
+                   "batch": results["ours"][0]["batch"]},  # what the rows hold, as a child packed them
         "ours": ours,
         "transformers": hf,
         "speedup": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
