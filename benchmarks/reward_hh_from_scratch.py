@@ -6,6 +6,8 @@ time budget, beside the length rule and a bag-of-words linear model on the same 
  --tokenizer llama2-tokenizer/tokenizer.model --max-minutes 12 --out DIR)
     .venv/bin/python benchmarks/reward_hh_from_scratch.py --config tiny --dim 64 --soup-size 8 --seed 0
 (the recipe chosen by benchmarks/reward_hh_validation.py: 8 runs of a wider `tiny`, their weights averaged)
+    .venv/bin/python benchmarks/reward_hh_from_scratch.py --config tiny --ensemble 8 --seed 0 --threads 1
+(an ensemble: 8 `tiny` runs of their own initialisations, scored with their mean; rewards.ensemble)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=12.0)
     parser.add_argument("--dim", type=int, default=None, help="another model width (as reward_hh_validation.py)")
     parser.add_argument("--soup-size", type=int, default=None, help="average this many runs (rewards.soup)")
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="this many independently trained runs, scored with their mean (rewards.ensemble)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="another window (model and recipe)")
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--context-turns", type=int, default=None, help="read only the newest context turns (1: the last user turn)")
@@ -60,6 +64,7 @@ def main() -> None:
             config=register_variant(args.config, dim=args.dim, max_seq_len=args.max_seq_len), tokenizer=str(args.tokenizer),
             out_dir=str(out), max_minutes=args.max_minutes, num_threads=args.threads, seed=args.seed, resume=False,
             soup_size=args.soup_size, learning_rate=args.learning_rate, context_turns=args.context_turns,
+            ensemble=args.ensemble,
         )
         t0 = time.perf_counter()
         result = train_reward_model(config)
@@ -68,7 +73,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "reward_hh_from_scratch",
         "command": " ".join(sys.argv),
-        "config": config.config, "soup_size": args.soup_size, "learning_rate": args.learning_rate,
+        "config": config.config, "soup_size": args.soup_size, "ensemble": args.ensemble, "learning_rate": args.learning_rate,
         "context_turns": args.context_turns, "threads": args.threads, "max_minutes": args.max_minutes,
         "n_train": result.n_train_pairs, "n_validation": result.n_validation_pairs, "n_test": result.n_test_pairs,
         "test_accuracy": report.get("accuracy"),
@@ -81,6 +86,7 @@ def main() -> None:
             "bag_of_words_linear": bow["test_accuracy"], "bag_of_words_train": bow["train_accuracy"],
         },
         "calibration_ece": report.get("calibration", {}).get("ece"),
+        "ensemble_members": report.get("ensemble"),
         "markdown": format_markdown({"HH harmless (20% test)": report}) if report else None,
         "validation_curve": [(h["step"], h["validation_accuracy"]) for h in result.history if "validation_accuracy" in h],
     }, indent=2))

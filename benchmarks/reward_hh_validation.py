@@ -8,7 +8,10 @@ Prints JSON: the accuracy of each fold and seed, and their mean over all 1,440 h
     .venv/bin/python benchmarks/reward_hh_validation.py --config tiny --tokenizer-vocab 2000 --tokenizer-type bpe
     .venv/bin/python benchmarks/reward_hh_validation.py --config tiny --context-turns 1 --max-seq-len 128 \
         --learning-rate 1e-3 --seeds 0 1 2 3 4 5
-(--tokenizer-vocab fits a SentencePiece tokenizer to each fold's training pairs; --context last-user|none cuts the
+    .venv/bin/python benchmarks/reward_hh_validation.py --config tiny --ensemble 8 --seeds 0 1 2
+(--ensemble N trains N members of their own initialisation per fold and seed and scores with their mean; each
+run also reports its members' mean accuracy, and --dump-margins writes every member's held-out margins, from which
+ensembles of any subset of the members can be scored. --tokenizer-vocab fits a SentencePiece tokenizer to each fold's training pairs; --context last-user|none cuts the
 pairs themselves, --context-turns is the training recipe's option that the saved model keeps; the folds are the
 same for every variant.)
 """
@@ -61,6 +64,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=None, help="another model width (heads: dim // 16)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="another window (model and recipe)")
     parser.add_argument("--soup-size", type=int, default=None)
+    parser.add_argument("--ensemble", type=int, default=None, help="members of independently trained models (mean score)")
+    parser.add_argument("--dump-margins", type=Path, default=None,
+                        help="write each member's chosen-minus-rejected score on each held-out pair here (JSON)")
     parser.add_argument("--mix-helpfulness", type=float, default=None,
                         help="add PandaLM and Open-Assistant pairs as this share of the training mix (safety recipe)")
     parser.add_argument("--tokenizer-vocab", type=int, default=None,
@@ -102,7 +108,10 @@ def main() -> None:
                        read_pairs(DATA / "pandalm" / "testset-v1.json", "pandalm")
                        + read_pairs(DATA / "oasst-trees" / "en_100_tree.jsonl", "oasst")]
 
+    from rewards.evaluate import load_for_pairs, member_margins
+
     runs, t0 = [], time.perf_counter()
+    margins: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="reward-hh-cv-") as tmp:
         for fold in range(args.folds):
             held = set(order[fold :: args.folds])
@@ -121,17 +130,29 @@ def main() -> None:
                     helpfulness_fraction=args.mix_helpfulness or 0.1, epochs=args.epochs,
                     learning_rate=args.learning_rate, weight_decay=args.weight_decay, token_dropout=args.token_dropout,
                     min_token_count=args.min_token_count, label_smoothing=args.label_smoothing,
-                    context_turns=args.context_turns,
+                    context_turns=args.context_turns, ensemble=args.ensemble,
                 )
+                t_run = time.perf_counter()
                 result = train_reward_model(config, pairs=fold_pairs + helpfulness)
                 assert result.test_report is not None
-                runs.append({"fold": fold, "seed": seed, "accuracy": result.test_report["accuracy"],
-                             "n_train": result.n_train_pairs, "n_held_out": result.n_test_pairs})
+                run = {"fold": fold, "seed": seed, "accuracy": result.test_report["accuracy"],
+                       "n_train": result.n_train_pairs, "n_held_out": result.n_test_pairs,
+                       "wall_s": time.perf_counter() - t_run}
+                if "ensemble" in result.test_report:
+                    run["mean_member_accuracy"] = result.test_report["ensemble"]["mean_member_accuracy"]
+                runs.append(run)
+                if args.dump_margins:
+                    held_out = [p for p in fold_pairs if p.split == "test"]
+                    model, _, items = load_for_pairs(Path(config.out_dir) / "model", held_out)
+                    margins.append({"fold": fold, "seed": seed, "keys": [p.key() for p in held_out],
+                                    "margins": member_margins(model, items, batch_size=64).tolist()})
+    if args.dump_margins:
+        args.dump_margins.write_text(json.dumps({"command": " ".join(sys.argv), "runs": margins}))
     print(json.dumps({
         "benchmark": "reward_hh_validation",
         "command": " ".join(sys.argv),
         "config": config_name, "model": FROM_SCRATCH_CONFIGS[config_name].model, "soup_size": args.soup_size,
-        "mix_helpfulness": args.mix_helpfulness, "context": args.context, "context_turns": args.context_turns, "label_smoothing": args.label_smoothing,
+        "ensemble": args.ensemble, "mix_helpfulness": args.mix_helpfulness, "context": args.context, "context_turns": args.context_turns, "label_smoothing": args.label_smoothing,
         "tokenizer": {"vocab": args.tokenizer_vocab, "type": args.tokenizer_type, "lowercase": args.lowercase}
         if args.tokenizer_vocab else "llama2",
         "overrides": {k: getattr(args, k) for k in ("epochs", "learning_rate", "weight_decay", "token_dropout",

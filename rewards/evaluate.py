@@ -27,7 +27,7 @@ from rewards.data import (
     tokenize_pairs,
 )
 from rewards.losses import STRENGTHS
-from rewards.model import RewardModel
+from rewards.model import AnyRewardModel, EnsembleRewardModel, RewardModelInfo
 
 STRENGTH_TITLES = {
     "significantly_better": "Significantly Better",
@@ -40,7 +40,7 @@ CALIBRATION_BINS = 5
 
 @torch.no_grad()
 def score_pairs(
-    model: RewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16, device: torch.device | str | None = None
+    model: AnyRewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (n,) of the chosen and of the rejected conversations, in the order of items."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -58,6 +58,12 @@ def score_pairs(
         rejected[idx] = scores[len(idx) :]
     model.train(was_training)
     return chosen, rejected
+
+
+def member_margins(model: AnyRewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16) -> torch.Tensor:
+    """Chosen minus rejected score (n_members, n) of every member of an ensemble (one row for a single model)."""
+    members = model.members if isinstance(model, EnsembleRewardModel) else [model]
+    return torch.stack([torch.sub(*score_pairs(m, items, batch_size=batch_size)) for m in members])
 
 
 def _accuracy(correct: torch.Tensor) -> float | None:
@@ -119,10 +125,22 @@ def build_report(chosen: torch.Tensor, rejected: torch.Tensor, items: Sequence[T
     }
 
 
-def evaluate_items(model: RewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16) -> dict[str, Any]:
-    """Score tokenized pairs and build their report."""
+def evaluate_items(model: AnyRewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16) -> dict[str, Any]:
+    """Score tokenized pairs and build their report; an ensemble's also gives each member's accuracy and margin."""
     chosen, rejected = score_pairs(model, items, batch_size=batch_size)
-    return build_report(chosen, rejected, items)
+    report = build_report(chosen, rejected, items)
+    if isinstance(model, EnsembleRewardModel):
+        members = [
+            {"accuracy": _accuracy(diff > 0), "mean_margin": float(diff.mean()) if diff.numel() else None}
+            for diff in member_margins(model, items, batch_size=batch_size)
+        ]
+        accuracies = [m["accuracy"] for m in members if m["accuracy"] is not None]
+        report["ensemble"] = {
+            "size": len(members),
+            "mean_member_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+            "members": members,
+        }
+    return report
 
 
 def _pct(value: float | None) -> str:
@@ -146,18 +164,28 @@ def evaluate_reward_model(
     model_dir: str | Path, pairs: Sequence[PreferencePair], *, batch_size: int = 16, device: str | None = None
 ) -> dict[str, Any]:
     """The report of a saved reward model on preference pairs (e.g. a batch's held-out split from the database)."""
-    from rewards.model import load_reward_model, resolve_reward_model_dir
-    from training.llama.tokenizer import Tokenizer
+    from rewards.model import resolve_reward_model_dir
 
     if not pairs:
         raise ValueError("no pairs to evaluate")
     model_dir = resolve_reward_model_dir(model_dir)
-    model, info = load_reward_model(model_dir, device=device)
-    tokenizer = Tokenizer(str(model_dir / info.tokenizer_file))
-    items = tokenize_pairs(tokenizer, pairs, max_seq_len=info.max_seq_len, context_turns=info.context_turns)
+    model, info, items = load_for_pairs(model_dir, pairs, device=device)
     report = evaluate_items(model, items, batch_size=batch_size)
     report.update({"model": str(model_dir), "kind": info.kind})
     return report
+
+
+def load_for_pairs(
+    model_dir: str | Path, pairs: Sequence[PreferencePair], *, device: str | None = None
+) -> tuple[AnyRewardModel, RewardModelInfo, list[TokenizedPair]]:
+    """A saved reward model (or ensemble), its info, and the pairs tokenized as it reads them."""
+    from rewards.model import load_reward_model, resolve_reward_model_dir
+    from training.llama.tokenizer import Tokenizer
+
+    model_dir = resolve_reward_model_dir(model_dir)
+    model, info = load_reward_model(model_dir, device=device)
+    tokenizer = Tokenizer(str(model_dir / info.tokenizer_file))
+    return model, info, tokenize_pairs(tokenizer, pairs, max_seq_len=info.max_seq_len, context_turns=info.context_turns)
 
 
 def evaluate_reward_model_dir(

@@ -1,4 +1,7 @@
-"""RewardModel: the Llama 2 transformer with its next-token head replaced by a scalar score head."""
+"""RewardModel: the Llama 2 transformer with its next-token head replaced by a scalar score head.
+
+EnsembleRewardModel: several independently trained reward models whose scores are averaged (rewards.ensemble).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ REWARD_MODEL_FILE = "reward_model.json"
 HEAD_FILE = "score_head.safetensors"
 LLAMA_DIR = "llama"
 TOKENIZER_FILE = "tokenizer.model"
+MEMBERS_DIR = "members"  # an ensemble's members, each a reward-model directory
 KINDS = ("helpfulness", "safety")
 
 
@@ -81,6 +86,45 @@ class RewardModel(nn.Module):
         return self.score_head(last).squeeze(-1).float()  # (bsz,)
 
 
+class EnsembleRewardModel(nn.Module):
+    """Reward models that read the same tokens, scored together: the score is the mean of the members' scores.
+
+    The members are trained independently (their own initial weights and batch order, see rewards.ensemble), so
+    their errors are less correlated than a soup's ingredients'. `forward_members` gives every member's score, whose
+    spread over the members is an uncertainty estimate (Coste et al., 2023: an uncertainty-penalised reward for PPO).
+    Called like a RewardModel, it fits everywhere one is scored (evaluation, RewardScorer).
+    """
+
+    def __init__(self, members: Sequence[RewardModel]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.args: ModelArgs = members[0].args
+
+    def forward_members(
+        self, tokens: torch.Tensor, *, lengths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores (n_members, bsz) in float32, one row a member (see RewardModel.forward)."""
+        return torch.stack([m(tokens, lengths=lengths, attention_mask=attention_mask) for m in self.members])
+
+    def forward(
+        self, tokens: torch.Tensor, *, lengths: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The members' mean score (bsz,) in float32."""
+        return self.forward_members(tokens, lengths=lengths, attention_mask=attention_mask).mean(dim=0)
+
+
+AnyRewardModel = RewardModel | EnsembleRewardModel
+
+
+def member_scores(model: AnyRewardModel, tokens: torch.Tensor, *, lengths: torch.Tensor) -> torch.Tensor:
+    """Scores (n_members, bsz): every member's of an ensemble, one row for a single model."""
+    if isinstance(model, EnsembleRewardModel):
+        return model.forward_members(tokens, lengths=lengths)
+    return model(tokens, lengths=lengths)[None]
+
+
 def lengths_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Lengths (bsz,) of a right-padded batch's mask (bsz, seqlen); left or inner padding is an error."""
     mask = attention_mask.to(torch.long)
@@ -101,6 +145,27 @@ class RewardModelInfo:
     tokenizer_file: str = TOKENIZER_FILE
     metadata: dict[str, Any] = field(default_factory=dict)
     context_turns: int | None = None  # the newest context turns the model reads (None: all), see render_reply
+    members: list[str] | None = None  # an ensemble: its members' directories, relative to its own
+
+
+def _write_directory(out_dir: Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a temporary directory beside out_dir and put it in out_dir's place once all is written."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is shared with the workers
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
 
 
 def save_reward_model(
@@ -119,11 +184,8 @@ def save_reward_model(
 
     if kind not in KINDS:
         raise ValueError(f"unknown reward model kind {kind!r}; expected one of {KINDS}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is shared with the workers
-    try:
+
+    def fill(tmp: Path) -> None:
         save_meta_checkpoint(model.transformer, tmp / LLAMA_DIR)
         save_file({"weight": model.score_head.weight.detach().to("cpu").contiguous()}, str(tmp / HEAD_FILE))
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
@@ -138,17 +200,62 @@ def save_reward_model(
         if context_turns is not None:
             info["context_turns"] = context_turns
         (tmp / REWARD_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out_dir
+
+    return _write_directory(Path(out_dir), fill)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the file system allows one (saved weights are replaced, never written in place)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_reward_ensemble(
+    member_dirs: Sequence[str | Path], out_dir: str | Path, *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write an ensemble directory atomically: each member's reward-model directory in members/<i>/, the shared
+    tokenizer and a reward_model.json that lists the members (read by load_reward_model).
+
+    The members must read the same tokens: one kind, tokenizer, window and context cut.
+    """
+    dirs = [resolve_reward_model_dir(d) for d in member_dirs]
+    if not dirs:
+        raise ValueError("an ensemble needs at least one member")
+    infos = [read_reward_model_info(d) for d in dirs]
+    if any(i.members for i in infos):
+        raise ValueError("an ensemble's members must be single reward models, not ensembles")
+    first = infos[0]
+    tokenizer = (dirs[0] / first.tokenizer_file).read_bytes()
+    for d, i in zip(dirs, infos, strict=True):
+        if (i.kind, i.max_seq_len, i.context_turns) != (first.kind, first.max_seq_len, first.context_turns):
+            raise ValueError(f"{d} is a {i.kind} model reading {i.max_seq_len} tokens (context_turns "
+                             f"{i.context_turns}); the first member: {first.kind}, {first.max_seq_len}, {first.context_turns}")
+        if (d / i.tokenizer_file).read_bytes() != tokenizer:
+            raise ValueError(f"{d} has another tokenizer than the first member")
+
+    def fill(tmp: Path) -> None:
+        names = []
+        for index, d in enumerate(dirs):
+            name = f"{MEMBERS_DIR}/{index}"
+            shutil.copytree(d, tmp / name, copy_function=_link_or_copy)
+            names.append(name)
+        shutil.copyfile(dirs[0] / first.tokenizer_file, tmp / TOKENIZER_FILE)
+        info: dict[str, Any] = {
+            "format_version": 1,
+            "kind": first.kind,
+            "model_args": first.model_args,
+            "max_seq_len": first.max_seq_len,
+            "tokenizer_file": TOKENIZER_FILE,
+            "metadata": metadata or {},
+            "members": names,
+        }
+        if first.context_turns is not None:
+            info["context_turns"] = first.context_turns
+        (tmp / REWARD_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    return _write_directory(Path(out_dir), fill)
 
 
 def resolve_reward_model_dir(path: str | Path) -> Path:
@@ -173,20 +280,34 @@ def read_reward_model_info(path: str | Path) -> RewardModelInfo:
         tokenizer_file=raw.get("tokenizer_file", TOKENIZER_FILE),
         metadata=raw.get("metadata", {}),
         context_turns=raw.get("context_turns"),
+        members=raw.get("members"),
     )
 
 
 def load_reward_model(
     path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> tuple[RewardModel, RewardModelInfo]:
-    """Load a directory written by save_reward_model."""
+) -> tuple[AnyRewardModel, RewardModelInfo]:
+    """Load a directory written by save_reward_model, or an EnsembleRewardModel written by save_reward_ensemble."""
     from training.llama.checkpoint import load_checkpoint
 
     path = resolve_reward_model_dir(path)
     info = read_reward_model_info(path)
+    if info.members:
+        members = [load_single_reward_model(path / m, device=device, dtype=dtype) for m in info.members]
+        return EnsembleRewardModel(members), info
     transformer, _ = load_checkpoint(path / LLAMA_DIR, device=device, dtype=dtype)
     model = RewardModel(transformer)
     head = load_file(str(path / HEAD_FILE))["weight"]
     with torch.no_grad():
         model.score_head.weight.copy_(head)
     return model, info
+
+
+def load_single_reward_model(
+    path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> RewardModel:
+    """Load a directory written by save_reward_model; an ensemble is an error."""
+    model, _ = load_reward_model(path, device=device, dtype=dtype)
+    if not isinstance(model, RewardModel):
+        raise ValueError(f"{path} is an ensemble, not a single reward model")
+    return model

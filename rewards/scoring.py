@@ -1,20 +1,30 @@
-"""Batched scoring for the policy trainers: one reward model, or helpfulness and safety side by side."""
+"""Batched scoring for the policy trainers: one reward model, or helpfulness and safety side by side.
+
+A reward-model ensemble (rewards.ensemble) loads like a single model and scores with its members' mean;
+`score_with_spread` also gives the members' standard deviation, for an uncertainty-penalised reward in PPO.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from rewards.data import check_dialogue, render_reply
-from rewards.model import RewardModel, load_reward_model, resolve_reward_model_dir
+from rewards.model import (
+    AnyRewardModel,
+    EnsembleRewardModel,
+    load_reward_model,
+    member_scores,
+    resolve_reward_model_dir,
+)
 
 
 class RewardScorer:
     """A loaded reward model with its tokenizer; `score` takes conversations as text."""
 
-    def __init__(self, model: RewardModel, tokenizer: object, *, kind: str, max_seq_len: int,
+    def __init__(self, model: AnyRewardModel, tokenizer: object, *, kind: str, max_seq_len: int,
                  context_turns: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -42,11 +52,25 @@ class RewardScorer:
             for d, r in zip(dialogues, responses, strict=True)
         ]
 
+    @property
+    def n_members(self) -> int:
+        """How many models score: an ensemble's members, or 1."""
+        return len(self.model.members) if isinstance(self.model, EnsembleRewardModel) else 1
+
     @torch.inference_mode()
     def score_ids(self, sequences: Sequence[Sequence[int]], *, batch_size: int = 16) -> torch.Tensor:
-        """Scores (n,) float32 on the CPU of token-id sequences, in their order."""
+        """Scores (n,) float32 on the CPU of token-id sequences, in their order (an ensemble's: the members' mean)."""
+        return self._score_batches(sequences, batch_size, lambda t, n: self.model(t, lengths=n)[None])[0]
+
+    @torch.inference_mode()
+    def score_ids_by_member(self, sequences: Sequence[Sequence[int]], *, batch_size: int = 16) -> torch.Tensor:
+        """Scores (n_members, n) float32 on the CPU: one row a member of an ensemble, one row for a single model."""
+        return self._score_batches(sequences, batch_size, lambda t, n: member_scores(self.model, t, lengths=n))
+
+    def _score_batches(self, sequences: Sequence[Sequence[int]], batch_size: int,
+                       forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        scores = torch.empty(len(sequences))
+        scores: torch.Tensor | None = None
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths together
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -56,15 +80,28 @@ class RewardScorer:
                 tokens[row, : len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
             lengths = torch.tensor([len(sequences[i]) for i in idx])
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = self.model(tokens.to(device), lengths=lengths.to(device))
-            scores[idx] = out.float().cpu()
-        return scores
+                out = forward(tokens.to(device), lengths.to(device)).float().cpu()  # (k, b)
+            if scores is None:
+                scores = torch.empty((out.shape[0], len(sequences)))
+            scores[:, idx] = out
+        return scores if scores is not None else torch.empty((self.n_members, 0))
 
     def score(
         self, dialogues: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str], *, batch_size: int = 16
     ) -> torch.Tensor:
         """Scores (n,) of responses to their dialogues; dialogues[i] ends with the user turn responses[i] answers."""
         return self.score_ids(self.tokenize(dialogues, responses), batch_size=batch_size)
+
+    def score_with_spread(
+        self, dialogues: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str], *, batch_size: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (n,): the members' mean score (what `score` gives) and their standard deviation
+        (over the members, not a sample estimate: 0 for a single model or identical members).
+
+        For an uncertainty-penalised reward in PPO, e.g. mean - k * std (Coste et al., 2023).
+        """
+        by_member = self.score_ids_by_member(self.tokenize(dialogues, responses), batch_size=batch_size)
+        return by_member.mean(dim=0), by_member.std(dim=0, correction=0)
 
 
 class RewardModels:

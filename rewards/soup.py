@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from rewards.data import PreferencePair
-from rewards.model import RewardModel, load_reward_model, read_reward_model_info, save_reward_model
+from rewards.members import combined_result, train_in_turn
+from rewards.model import RewardModel, load_single_reward_model, read_reward_model_info, save_reward_model
 
 if TYPE_CHECKING:
     from rewards.train import RewardTrainConfig, RewardTrainResult, TrainProgress
@@ -58,26 +59,18 @@ def train_reward_soup(
     average, and no ingredient starts once the budget is spent.
     """
     from rewards.evaluate import evaluate_reward_model
-    from rewards.train import REPORT_FILE, RewardTrainResult, load_pairs, train_reward_model
+    from rewards.train import REPORT_FILE, load_pairs
 
     assert config.soup_size is not None
     start = time.monotonic()
-    results = []
-    for index in range(config.soup_size):
-        left = None if config.max_minutes is None else config.max_minutes - (time.monotonic() - start) / 60
-        if left is not None and left <= 0:
-            break
-        ingredient = ingredient_config(config, index, max_minutes=left)
-        model_dir = Path(ingredient.out_dir) / "model"
-        if config.resume and model_dir.is_dir() and read_reward_model_info(model_dir).metadata.get("stopped") == "completed":
-            continue
-        results.append(train_reward_model(ingredient, pairs=pairs, progress=progress))
-
-    dirs = [Path(ingredient_config(config, i, max_minutes=None).out_dir) / "model" for i in range(config.soup_size)]
-    finished = [d for d in dirs if d.is_dir() and read_reward_model_info(d).metadata.get("stopped") == "completed"]
+    results, finished_runs = train_in_turn(
+        config, config.soup_size, lambda i, minutes: ingredient_config(config, i, max_minutes=minutes),
+        fair_share=False, pairs=pairs, progress=progress,
+    )
+    finished = [d / "model" for d in finished_runs]
     if not finished:
         raise ValueError("no ingredient of the soup finished within the time budget; give more --max-minutes")
-    models = [load_reward_model(d)[0] for d in finished]
+    models = [load_single_reward_model(d) for d in finished]
     soup = models[0]
     soup.load_state_dict(average_weights(models))
     info = read_reward_model_info(finished[0])
@@ -90,14 +83,6 @@ def train_reward_soup(
     test_report = evaluate_reward_model(out_dir / "model", test) if test else None
     if test_report is not None:
         (out_dir / REPORT_FILE).write_text(json.dumps(test_report, indent=2) + "\n")
-    elapsed = time.monotonic() - start
-    return RewardTrainResult(
-        out_dir=str(out_dir), steps=sum(r.steps for r in results), total_steps=sum(r.total_steps for r in results),
-        stopped="completed" if len(finished) == config.soup_size else "max_minutes", elapsed_s=elapsed,
-        pairs_per_s=sum(r.pairs_per_s for r in results) / max(1, len(results)),
-        final_loss=results[-1].final_loss if results else None, best_validation_accuracy=None, best_step=None,
-        n_train_pairs=results[0].n_train_pairs if results else 0,
-        n_validation_pairs=results[0].n_validation_pairs if results else 0, n_test_pairs=len(test),
-        test_report=test_report,
-        history=[{**h, "ingredient": i} for i, r in enumerate(results) for h in r.history],
-    )
+    return combined_result(config, results, complete=len(finished) == config.soup_size,
+                           elapsed_s=time.monotonic() - start, n_test_pairs=len(test), test_report=test_report,
+                           label="ingredient")

@@ -52,14 +52,14 @@ REPORT_FILE = "eval_report.json"
 _RECIPE_FIELDS = (
     "max_seq_len", "global_batch_size", "micro_batch_size", "learning_rate", "epochs",
     "validation_fraction", "eval_every", "early_stopping_patience", "token_dropout", "weight_decay",
-    "ema_decay", "min_token_count", "lm_pretrain_epochs", "soup_size", "context_turns",
+    "ema_decay", "min_token_count", "lm_pretrain_epochs", "soup_size", "context_turns", "ensemble",
 )
 # The report's recipe for a model initialised from a chat checkpoint (section 3.2.2), but 64 pairs a step
 # rather than 512 so that a few hundred pairs still train: pass --global-batch-size 512 for the report's setting.
 _FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_seq_len=1024, global_batch_size=64, micro_batch_size=4, learning_rate=1e-5, epochs=1,
     validation_fraction=0.0, eval_every=0, early_stopping_patience=None, token_dropout=0.0, weight_decay=0.1,
-    ema_decay=0.0, min_token_count=0, lm_pretrain_epochs=0, soup_size=1, context_turns=0,
+    ema_decay=0.0, min_token_count=0, lm_pretrain_epochs=0, soup_size=1, context_turns=0, ensemble=1,
 )
 
 
@@ -111,6 +111,7 @@ class RewardTrainConfig:
     lm_pretrain_epochs: int | None = None  # next-token epochs on the training conversations before ranking
     soup_size: int | None = None  # train this many runs from one initialisation and average their weights
     context_turns: int | None = None  # read only the newest turns of the context (odd; 0: all), saved with the model
+    ensemble: int | None = None  # train this many runs from their own initialisations; score with their mean
     device: str | None = None
     bf16: bool = True  # autocast to bfloat16 on GPU
     num_threads: int | None = None
@@ -136,6 +137,8 @@ class RewardTrainConfig:
             raise ValueError("global_batch_size and micro_batch_size must be positive")
         if out.soup_size is None or out.soup_size < 1:
             raise ValueError(f"soup_size must be positive, got {out.soup_size}")
+        if out.ensemble is None or out.ensemble < 1:
+            raise ValueError(f"ensemble must be positive, got {out.ensemble}")
         return out
 
 
@@ -451,6 +454,10 @@ def train_reward_model(
     config = config.resolved(has_pairs=pairs is not None)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    if config.ensemble and config.ensemble > 1:  # members may be soups themselves
+        from rewards.ensemble import train_reward_ensemble
+
+        return train_reward_ensemble(config, pairs=pairs, progress=progress)
     if config.soup_size and config.soup_size > 1:
         from rewards.soup import train_reward_soup
 
@@ -703,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("eval-every", int), ("early-stopping-patience", int), ("stop-after-steps", int),
                        ("soup-size", int), ("context-turns", int)):
         parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="train this many models from their own initialisations, saved as one ensemble that "
+                             "scores with their mean")
     parser.add_argument("--checkpoint-every", type=int, default=0)
     parser.add_argument("--no-resume", dest="resume", action="store_false")
     parser.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,8 @@ class Command(BaseCommand):
         parser.add_argument("--max-steps", type=int)
         parser.add_argument("--margin", choices=["none", "small", "large"], default="none")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--ensemble", type=int,
+                            help="train this many models from their own initialisations; the version scores with their mean")
         parser.add_argument("--queue", action="store_true", help="hand the run to a GPU worker instead of running here")
 
     def handle(self, *args, **o):
@@ -27,7 +29,7 @@ class Command(BaseCommand):
             k: v
             for k, v in {
                 "init": o["init"], "config": o["config"], "tokenizer": o["tokenizer"], "max_minutes": o["max_minutes"],
-                "max_steps": o["max_steps"], "margin": o["margin"], "seed": o["seed"],
+                "max_steps": o["max_steps"], "margin": o["margin"], "seed": o["seed"], "ensemble": o["ensemble"],
             }.items()
             if v is not None
         }  # fmt: skip

@@ -1,0 +1,94 @@
+"""Training several reward models one after another within one time budget: a soup's ingredients, an ensemble's
+members. Shared by rewards.soup and rewards.ensemble.
+
+A finished run (its model saved, its run completed) is not trained again, so a stopped soup or ensemble resumes;
+a run that the budget stopped keeps its train_state.pt and goes on from there next time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from rewards.data import PreferencePair
+from rewards.model import read_reward_model_info
+
+if TYPE_CHECKING:
+    from rewards.train import RewardTrainConfig, RewardTrainResult, TrainProgress
+
+
+def is_completed(run_dir: str | Path) -> bool:
+    """Whether a training output directory holds a model whose run completed."""
+    model_dir = Path(run_dir) / "model"
+    return model_dir.is_dir() and read_reward_model_info(model_dir).metadata.get("stopped") == "completed"
+
+
+def _minutes_already_spent(run_dir: Path) -> float:
+    """The training time of a stopped run that will resume (its budget counts it: see train_reward_model)."""
+    from rewards.train import TRAIN_STATE_FILE
+
+    state = run_dir / TRAIN_STATE_FILE
+    if not state.is_file():
+        return 0.0
+    return float(torch.load(state, map_location="cpu", weights_only=False).get("elapsed_s", 0.0)) / 60
+
+
+def train_in_turn(
+    config: RewardTrainConfig,
+    count: int,
+    run_config: Callable[[int, float | None], RewardTrainConfig],
+    *,
+    fair_share: bool,
+    pairs: Sequence[PreferencePair] | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> tuple[list[RewardTrainResult], list[Path]]:
+    """Train run_config(i, minutes) for i < count, one after another, within config.max_minutes.
+
+    Each run gets the time that is left (fair_share False) or its fair share of it, the time left over the runs
+    still to train (fair_share True); no run starts once the budget is spent. Returns the results of the runs
+    trained now and the output directories of all completed runs, in order.
+    """
+    from rewards.train import train_reward_model
+
+    start = time.monotonic()
+    dirs = [Path(run_config(i, None).out_dir) for i in range(count)]
+    results, trained = [], set()
+    for index, run_dir in enumerate(dirs):
+        if config.resume and is_completed(run_dir):
+            continue
+        minutes = None
+        if config.max_minutes is not None:
+            left = config.max_minutes - (time.monotonic() - start) / 60
+            if left <= 0:
+                break
+            to_train = sum(1 for d in dirs[index:] if not (config.resume and is_completed(d)))
+            minutes = left / to_train if fair_share else left
+            if config.resume:
+                minutes += _minutes_already_spent(run_dir)
+        results.append(train_reward_model(run_config(index, minutes), pairs=pairs, progress=progress))
+        trained.add(index)
+    # Without resume, what an earlier call left in the directories does not count.
+    return results, [d for i, d in enumerate(dirs) if (config.resume or i in trained) and is_completed(d)]
+
+
+def combined_result(
+    config: RewardTrainConfig, results: Sequence[RewardTrainResult], *, complete: bool, elapsed_s: float,
+    n_test_pairs: int, test_report: dict | None, label: str,
+) -> RewardTrainResult:
+    """One RewardTrainResult for several runs: their steps summed, their histories tagged with `label`: index."""
+    from rewards.train import RewardTrainResult
+
+    return RewardTrainResult(
+        out_dir=str(config.out_dir), steps=sum(r.steps for r in results), total_steps=sum(r.total_steps for r in results),
+        stopped="completed" if complete else "max_minutes", elapsed_s=elapsed_s,
+        pairs_per_s=sum(r.pairs_per_s for r in results) / max(1, len(results)),
+        final_loss=results[-1].final_loss if results else None, best_validation_accuracy=None, best_step=None,
+        n_train_pairs=results[0].n_train_pairs if results else 0,
+        n_validation_pairs=results[0].n_validation_pairs if results else 0, n_test_pairs=n_test_pairs,
+        test_report=test_report,
+        history=[{**h, label: i} for i, r in enumerate(results) for h in r.history],
+    )
