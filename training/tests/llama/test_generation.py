@@ -7,7 +7,14 @@ import torch
 
 from training.llama.checkpoint import load_checkpoint, save_meta_checkpoint
 from training.llama.generate import main as generate_main
-from training.llama.generation import generate, sample_next_token, sample_top_p, sample_top_p_sorted
+from training.llama.generation import (
+    _mass_above,
+    _output_head,
+    generate,
+    sample_next_token,
+    sample_top_p,
+    sample_top_p_sorted,
+)
 from training.llama.model import ModelArgs, Transformer
 from training.llama.tokenizer import Tokenizer
 
@@ -121,6 +128,24 @@ def test_rejection_top_p_samples_metas_nucleus_distribution(p):
     for draws in (ours, metas):
         freq = torch.bincount(draws, minlength=7).float() / n
         torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 65])
+def test_nucleus_mass_above_a_draw_is_the_masked_sum(rows):
+    probs = torch.softmax(torch.randn(rows, 3000, generator=torch.Generator().manual_seed(rows)), dim=-1)
+    threshold = probs[:, 7:8]
+    expected = torch.where(probs > threshold, probs, 0.0).sum(-1, keepdim=True)
+    assert torch.equal(_mass_above(probs, threshold), expected)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_decoding_head_gives_the_output_layers_logits(rows):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=1000)).eval()
+    h = torch.randn(rows, model.args.dim)
+    logits = _output_head(model, h)
+    torch.testing.assert_close(logits, model.output(h), rtol=1e-5, atol=1e-5)
+    assert logits.is_contiguous()
 
 
 def test_top_p_falls_back_to_the_sort_when_rejection_keeps_failing():
