@@ -112,6 +112,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[0] == 0:
         raise ValueError("linear_cross_entropy needs at least one token")
+    if torch.is_autocast_enabled(hidden.device.type):
+        # What `nn.Linear` does under autocast: the head's products in the autocast dtype (bf16 on CPU and
+        # GPU training), not in float32. The softmax and the gradients' sums stay float32, as below.
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     valid = targets != ignore_index
     if not bool(valid.all()):
         # Only the positions with a target go through the head; index_select's backward puts their gradients

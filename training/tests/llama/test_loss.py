@@ -148,3 +148,23 @@ def test_bfloat16_model_loss_is_close_to_float32():
     assert model.output.weight.grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss, reference.detach(), atol=0.05, rtol=0.02)
     torch.testing.assert_close(model.output.weight.grad.float(), reference_grad, atol=0.01, rtol=0.1)
+
+
+def test_under_autocast_the_head_runs_in_the_autocast_dtype_as_nn_linear_does():
+    """Under bf16 autocast the head's product takes bf16 inputs (float32 sums), like `F.linear` there."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 32, generator=g)
+    weight = torch.randn(101, 32, generator=g)
+    targets = torch.randint(0, 101, (40,), generator=g)
+    targets[:7] = -100
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, targets, chunk_size=16)
+        reference = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    loss.backward()
+    float32 = F.cross_entropy(hidden @ weight.t(), targets)
+    assert (loss - float32).abs() > 1e-4  # bf16 inputs move the loss measurably ...
+    torch.testing.assert_close(loss, reference, atol=2e-5, rtol=2e-5)  # ... to what autocast's F.linear gives
+    assert loss.dtype == torch.float32
+    assert w.grad.dtype == torch.float32  # the parameters' gradients stay in their dtype
+    assert h.grad.dtype == torch.float32
