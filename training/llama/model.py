@@ -432,6 +432,8 @@ class Transformer(nn.Module):
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (bsz, seqlen), got shape {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens must hold at least one token, got shape {tuple(tokens.shape)}")
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
         limit = self.args.max_seq_len if kv_cache is None else min(self.args.max_seq_len, kv_cache.max_seq_len)

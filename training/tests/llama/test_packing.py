@@ -143,3 +143,8 @@ def test_position_ids_are_checked():
         model(tokens, position_ids=positions, attention_mask=torch.ones(2, 8))
     with pytest.raises(ValueError, match="cannot be combined"):
         model(tokens, position_ids=positions, kv_cache=model.new_kv_cache(2, 8))
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least one token"):
+        model(empty, position_ids=empty)
+    with pytest.raises(ValueError, match="at least one token"):
+        model(empty, targets=empty)
