@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory: training.llama vs transformers.LlamaForCausalLM, same weights.
 
     .venv/bin/python benchmarks/llama_train_step.py [--threads 2] [--rounds 3] [--fused-loss] [--malloc-tuned] [--compile]
-        [--data random|hh-sft]
+        [--data random|hh-sft] [--autocast-bf16]
 
 A step is forward + next-token cross-entropy + backward on a batch of packed rows. `--data random` (pretraining):
 random-token documents, each BOS ... EOS, concatenated and cut to seq_len + 1, a target at every position and
@@ -147,13 +147,15 @@ def child(opts: argparse.Namespace) -> None:
         (inputs, targets), position_ids, batch_about = packed_batch(opts.batch, opts.seq_len, vocab_size, seed=0), None, None
 
     def step() -> float:
-        if opts.fused_loss and opts.impl == "ours":
-            # the loss without the (batch, seq_len, vocab) logits, and only where there are targets:
-            # training.llama.loss.linear_cross_entropy
-            loss = model(inputs, position_ids=position_ids, targets=targets)
-        else:
-            logits = logits_of(inputs, position_ids)
-            loss = F.cross_entropy(logits.view(-1, vocab_size).float(), targets.view(-1))
+        # --autocast-bf16: the forward pass under CPU bf16 autocast on both sides (backward follows it)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.autocast_bf16):
+            if opts.fused_loss and opts.impl == "ours":
+                # the loss without the (batch, seq_len, vocab) logits, and only where there are targets:
+                # training.llama.loss.linear_cross_entropy
+                loss = model(inputs, position_ids=position_ids, targets=targets)
+            else:
+                logits = logits_of(inputs, position_ids)
+                loss = F.cross_entropy(logits.view(-1, vocab_size).float(), targets.view(-1))
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.item()
@@ -209,6 +211,8 @@ def main() -> None:
                              "transformers keeps F.cross_entropy on its logits (it has no CPU equivalent)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each decoder block on both sides (ours: model.compile_blocks())")
+    parser.add_argument("--autocast-bf16", action="store_true",
+                        help="both sides' forward pass under torch.autocast('cpu', dtype=torch.bfloat16)")
     parser.add_argument("--malloc-tuned", action="store_true",
                         help="both children run with glibc's malloc keeping freed memory (MALLOC_MMAP_THRESHOLD_, "
                              "MALLOC_TRIM_THRESHOLD_), so big tensors reuse pages instead of faulting in fresh ones")
@@ -235,7 +239,7 @@ def main() -> None:
         save_hf_checkpoint(Transformer(args), tmp)
         n_params = sum(p.numel() for p in Transformer(args, device="meta").parameters())
         results: dict[str, list[dict]] = {"ours": [], "hf": []}
-        flags = ("activation_checkpointing", "fused_loss", "malloc_tuned", "compile")
+        flags = ("activation_checkpointing", "fused_loss", "malloc_tuned", "compile", "autocast_bf16")
         passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(opts).items()
                        if k not in ("impl", "checkpoint", *flags) and v is not None]
         passthrough += [f"--{k.replace('_', '-')}" for k in flags if getattr(opts, k)]
@@ -268,7 +272,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "llama_train_step",
         "config": {**{k: v for k, v in vars(opts).items() if k not in ("impl", "checkpoint")},
-                   "params": n_params, "dtype": "float32", "torch": torch.__version__,
+                   "params": n_params, "dtype": "float32 weights" + (", bf16 autocast" if opts.autocast_bf16 else ""),
+                   "torch": torch.__version__,
                    "batch": results["ours"][0]["batch"]},  # what the rows hold, as a child packed them
         "ours": ours,
         "transformers": hf,
