@@ -9,6 +9,9 @@ Prints JSON: the accuracy of each fold and seed, and their mean over all 1,440 h
     .venv/bin/python benchmarks/reward_hh_validation.py --config tiny --context-turns 1 --max-seq-len 128 \
         --learning-rate 1e-3 --seeds 0 1 2 3 4 5
     .venv/bin/python benchmarks/reward_hh_validation.py --config tiny --ensemble 8 --seeds 0 1 2
+    .venv/bin/python benchmarks/reward_hh_validation.py --config tiny-ensemble --seeds 0 1 2
+(tiny-ensemble: 16 members of the line above's recipe, the same as --config tiny --context-turns 1 --max-seq-len 128
+ --learning-rate 1e-3 --ensemble 16)
 (--ensemble N trains N members of their own initialisation per fold and seed and scores with their mean; each
 run also reports its members' mean accuracy, and --dump-margins writes every member's held-out margins, from which
 ensembles of any subset of the members can be scored. --tokenizer-vocab fits a SentencePiece tokenizer to each fold's training pairs; --context last-user|none cuts the
@@ -60,7 +63,7 @@ def focus_context(pair, context: str):  # type: ignore[no-untyped-def]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny", choices=("tiny", "small"))
+    parser.add_argument("--config", default="tiny", choices=("tiny", "tiny-ensemble", "small"))
     parser.add_argument("--dim", type=int, default=None, help="another model width (heads: dim // 16)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="another window (model and recipe)")
     parser.add_argument("--soup-size", type=int, default=None)

@@ -1,7 +1,7 @@
 """Reward-model training: pairwise ranking loss, AdamW + cosine schedule, DDP, atomic checkpoints, exact resume.
 
 python -m rewards.train --kind helpfulness|safety --data PATH... --format native|trl|hh-rlhf \
-    (--init CHECKPOINT | --config tiny|small --tokenizer PATH) [--max-minutes M] --out DIR
+    (--init CHECKPOINT | --config tiny|tiny-ensemble|small --tokenizer PATH) [--ensemble N] [--max-minutes M] --out DIR
 Several processes: torchrun --nproc-per-node N -m rewards.train ... (gloo on CPU, NCCL on GPU).
 """
 
@@ -72,7 +72,7 @@ class RewardTrainConfig:
     format: str = "native"
     out_dir: str = "var/reward-model"
     init: str | None = None  # a chat/policy checkpoint directory (Meta or Hugging Face)
-    config: str | None = None  # a named from-scratch config ("tiny", "small")
+    config: str | None = None  # a named from-scratch config ("tiny", "tiny-ensemble", "small")
     tokenizer: str | None = None  # tokenizer.model; default: the one inside --init
     data_domain: str | None = None  # domain of pairs whose file format carries none (hh-rlhf)
     test_fraction: float = 0.2  # the fixed held-out split of pairs that have no split of their own
@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=FORMATS)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--init", help="chat/policy checkpoint directory (Meta or Hugging Face format)")
-    source.add_argument("--config", choices=("tiny", "small"), help="train a named config from scratch")
+    source.add_argument("--config", choices=("tiny", "tiny-ensemble", "small"), help="train a named config from scratch")
     parser.add_argument("--tokenizer", help="tokenizer.model (required with --config)")
     parser.add_argument("--out", required=True, help="output directory (model/, train_state.pt, eval_report.json)")
     parser.add_argument("--max-minutes", type=float, default=None)

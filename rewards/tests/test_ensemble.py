@@ -225,3 +225,14 @@ def test_the_platform_registers_an_ensemble(shared_data, settings, tmp_path):
     version = RewardModelVersion.objects.get(name="RM-ens")
     assert version.metrics["ensemble"]["size"] == 2
     assert RewardScorer.load(version.checkpoint_uri).n_members == 2
+
+
+def test_the_tiny_ensemble_recipe_is_sixteen_tiny_models_reading_the_last_user_turn(train_config):
+    config = train_config(config="tiny-ensemble", init=None, max_seq_len=None, learning_rate=None, epochs=None,
+                          global_batch_size=None, micro_batch_size=None).resolved()
+    assert config.ensemble == 16
+    assert config.context_turns == 1
+    assert config.max_seq_len == 128
+    assert config.learning_rate == pytest.approx(1e-3)
+    assert config.soup_size == 1
+    assert train_config(config="tiny-ensemble", init=None, ensemble=2).resolved().ensemble == 2  # the CLI overrides it
