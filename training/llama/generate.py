@@ -41,8 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--system needs --chat")
     try:
         tokenizer = Tokenizer(opts.tokenizer)
-        model, _ = load_checkpoint(opts.checkpoint, device=opts.device,
-                                   dtype=_DTYPES[opts.dtype] if opts.dtype else None)
+        model, args = load_checkpoint(opts.checkpoint, device=opts.device,
+                                      dtype=_DTYPES[opts.dtype] if opts.dtype else None)
+        if tokenizer.n_words > args.vocab_size:
+            raise ValueError(f"the tokenizer {opts.tokenizer} has {tokenizer.n_words} pieces but the model's "
+                             f"vocabulary has {args.vocab_size}: it is not this checkpoint's tokenizer")
         if opts.chat:
             prompt, _ = tokenizer.encode_dialog([{"role": "user", "content": opts.prompt}], system=opts.system)
         else:

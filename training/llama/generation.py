@@ -8,6 +8,7 @@ alone. Meta instead left-aligns the prompts and feeds the longer ones token by t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,9 +46,15 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     A token is in the nucleus when the tokens more probable than it hold at most p of the mass. Drawing from
     the full distribution and keeping the draw only if it lies in the nucleus samples exactly from the
     renormalised nucleus; the nucleus holds more than p of the mass, so a round succeeds with probability
-    > p and costs a cumulative sum and a masked sum, O(vocab_size), where the sort costs O(V log V) (a third
-    of a CPU decoding step at vocabulary 32,000). Rows still rejected after `max_rounds` (only likely for a
-    small p) fall back to the sort.
+    > p and costs a cumulative sum and two masked passes, O(vocab_size), where the sort costs O(V log V) (a
+    third of a CPU decoding step at vocabulary 32,000). Rows still rejected after `max_rounds` (only likely
+    for a small p) fall back to the sort.
+
+    Tokens of equal probability (frequent with bf16 logits): of m tokens tied at probability q, with a mass
+    M above them, Meta's sort keeps the n = min(m, floor((p - M) / q) + 1) its order puts first (those whose
+    cumulative mass before them is at most p). Here a drawn tied token is kept with probability n / m, which
+    gives the tie the same share of the nucleus, spread evenly over the tied tokens instead of over the ones
+    an unstable sort happens to put first.
 
     probs: (bsz, vocab_size), rows summing to 1. Returns (bsz, 1) token ids.
     """
@@ -57,8 +64,12 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     for _ in range(max_rounds):
         u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
         draw = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # inverse CDF: (bsz, 1)
-        mass_above = _mass_above(probs, probs.gather(-1, draw))
-        accept = pending & (mass_above <= p)
+        drawn = probs.gather(-1, draw)  # (bsz, 1), > 0
+        mass_above = _mass_above(probs, drawn)
+        tied = (probs == drawn).sum(-1, keepdim=True)  # (bsz, 1), >= 1
+        kept = torch.minimum(((p - mass_above) / drawn).floor() + 1, tied).clamp_(min=0)  # of the tied tokens
+        keep = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * tied < kept
+        accept = pending & keep
         next_token = torch.where(accept, draw, next_token)
         pending &= ~accept
         if not bool(pending.any()):
@@ -133,8 +144,8 @@ def _validate(model: Transformer, prompt_tokens: Sequence[Sequence[int]], max_ne
     if max(len(p) for p in prompt_tokens) >= model.args.max_seq_len:
         raise ValueError(f"A prompt of {max(len(p) for p in prompt_tokens)} tokens leaves no room in "
                          f"max_seq_len {model.args.max_seq_len}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
@@ -146,13 +157,15 @@ def _output_head(model: Transformer, h: torch.Tensor) -> torch.Tensor:
 
     On CPU, for the few rows of a decoding step, MKL runs the same product as weight @ h.T much faster than as
     h @ weight.T, which is what `nn.Linear` asks for (vocabulary 32,000, dim 512, 8 rows: 7.7 against 11.4 ms on
-    one thread, 4.1 against 9.4 ms on two; about 1.2x on the sampling benchmark). The sums are the same
-    float32 dot products; from about 12 rows the usual order is as fast or faster, so it is kept there.
+    one thread, 4.1 against 9.4 ms on two; about 1.2x on the sampling benchmark). The same float32 products,
+    summed in another order (logits differ by about 1e-6); from about 12 rows the usual order is as fast or
+    faster, so it is kept there. A head that is not a plain `nn.Linear` (an adapter) or has hooks is called.
     """
-    weight = model.output.weight
-    if h.device.type == "cpu" and h.shape[0] <= 8 and model.output.bias is None:
-        return torch.mm(weight, h.t()).t().contiguous().float()  # contiguous: the sampler's passes read rows
-    return model.output(h).float()
+    head = model.output
+    plain = type(head) is torch.nn.Linear and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks)
+    if h.device.type == "cpu" and h.shape[0] <= 8 and plain:
+        return torch.mm(head.weight, h.t()).t().contiguous().float()  # contiguous: the sampler's passes read rows
+    return head(h).float()
 
 
 @torch.inference_mode()

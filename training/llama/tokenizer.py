@@ -20,7 +20,10 @@ class Tokenizer:
     def __init__(self, model_path: str | os.PathLike[str]):
         if not Path(model_path).is_file():
             raise FileNotFoundError(f"Tokenizer model {model_path} does not exist")
-        self.sp_model = SentencePieceProcessor(model_file=str(model_path))
+        try:
+            self.sp_model = SentencePieceProcessor(model_file=str(model_path))
+        except RuntimeError as e:  # sentencepiece: "could not parse ModelProto from ..."
+            raise ValueError(f"{model_path} is not a SentencePiece model: {e}") from e
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()

@@ -146,6 +146,10 @@ def test_decoding_head_gives_the_output_layers_logits(rows):
     logits = _output_head(model, h)
     torch.testing.assert_close(logits, model.output(h), rtol=1e-5, atol=1e-5)
     assert logits.is_contiguous()
+    # a hook on the head (or an adapter in its place) is honoured: the head is then called
+    handle = model.output.register_forward_hook(lambda module, args, out: out + 1.0)
+    torch.testing.assert_close(_output_head(model, h), logits + 1.0, rtol=1e-5, atol=1e-5)
+    handle.remove()
 
 
 def test_top_p_falls_back_to_the_sort_when_rejection_keeps_failing():
@@ -177,6 +181,9 @@ def test_generation_stops_at_max_seq_len_and_validates_input(tiny):
         generate(tiny, [[1]], max_new_tokens=2, top_p=0.0, eos_id=None)
     with pytest.raises(ValueError, match="token ids"):
         generate(tiny, [[64]], max_new_tokens=2, eos_id=None)
+    for temperature in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            generate(tiny, [[1]], max_new_tokens=2, temperature=temperature, eos_id=None)
     assert generate(tiny, [[1]], max_new_tokens=3, eos_id=None, return_logprobs=False).logprobs is None
 
 
@@ -205,3 +212,57 @@ def test_cli_reports_a_missing_checkpoint(shared_data, capsys, tmp_path):
                           str(shared_data / "stories260k" / "tokenizer.model"), "--prompt", "hi", "--chat"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("probs", "p", "share"), [
+    ([0.5, 0.25, 0.25], 0.6, [2 / 3, 1 / 6, 1 / 6]),  # Meta keeps one of the two tied 0.25s: 1/3 between them
+    ([0.25, 0.25, 0.25, 0.25], 0.6, [0.25] * 4),  # Meta keeps three of four: the same total, 1
+    ([0.5, 0.25, 0.25], 0.8, [0.5, 0.25, 0.25]),  # both tied tokens fit: the whole distribution
+])
+def test_tokens_tied_at_the_nucleus_boundary_get_the_share_metas_sort_gives_them(probs, p, share):
+    probs = torch.tensor(probs)
+    n = 60_000
+    ours = sample_top_p(probs.repeat(n, 1), p, torch.Generator().manual_seed(0)).squeeze(-1)
+    metas = sample_top_p_sorted(probs.repeat(n, 1), p, torch.Generator().manual_seed(1)).squeeze(-1)
+    freq = torch.bincount(ours, minlength=len(probs)).float() / n
+    torch.testing.assert_close(freq, torch.tensor(share), atol=0.01, rtol=0)
+    # Meta's picks among tied tokens follow its sort; each group of equal probability gets the same share
+    meta_freq = torch.bincount(metas, minlength=len(probs)).float() / n
+    for value in probs.unique():
+        group = probs == value
+        torch.testing.assert_close(meta_freq[group].sum(), freq[group].sum(), atol=0.015, rtol=0)
+
+
+def test_cli_chat_prompt_is_the_llama2_dialog_with_its_system_prompt(shared_data, capsys, monkeypatch):
+    """--chat --system sends exactly `encode_dialog`'s ids (stories260k's own tokenizer: a model it fits)."""
+    import training.llama.generate as cli
+
+    seen = {}
+
+    def fake_generate(model, prompts, **kwargs):
+        seen["prompts"] = prompts
+        return generate(model, prompts, **{**kwargs, "max_new_tokens": 2})
+
+    monkeypatch.setattr(cli, "generate", fake_generate)
+    tokenizer_path = shared_data / "stories260k" / "tokenizer.model"
+    code = generate_main(["--checkpoint", str(shared_data / "stories260k" / "meta"), "--tokenizer",
+                          str(tokenizer_path), "--prompt", "Tell a story", "--chat", "--system", "Be brief",
+                          "--temperature", "0"])
+    assert code == 0
+    expected, _ = Tokenizer(tokenizer_path).encode_dialog([{"role": "user", "content": "Tell a story"}],
+                                                           system="Be brief")
+    assert seen["prompts"] == [expected]
+    plain, _ = Tokenizer(tokenizer_path).encode_dialog([{"role": "user", "content": "Tell a story"}])
+    assert expected != plain  # the system prompt is in it
+
+
+def test_cli_refuses_a_tokenizer_that_is_not_the_models(shared_data, capsys, tmp_path):
+    code = generate_main(["--checkpoint", str(shared_data / "stories260k" / "meta"), "--tokenizer",
+                          str(shared_data / "llama2-tokenizer" / "tokenizer.model"), "--prompt", "hi"])
+    assert code == 2
+    assert "not this checkpoint's tokenizer" in capsys.readouterr().err
+    (tmp_path / "bad.model").write_bytes(b"not a sentencepiece model")
+    code = generate_main(["--checkpoint", str(shared_data / "stories260k" / "meta"), "--tokenizer",
+                          str(tmp_path / "bad.model"), "--prompt", "hi"])
+    assert code == 2
+    assert "is not a SentencePiece model" in capsys.readouterr().err

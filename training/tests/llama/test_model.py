@@ -231,18 +231,24 @@ def test_training_step_updates_every_parameter():
         assert not torch.equal(value, before[key]), f"{key} did not change"
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_each_block():
     model = tiny_model(**TINY_CONFIGS["gqa"]).train()
     tokens = torch.randint(0, 97, (2, 16))
+    calls = []
+    for layer in model.layers:  # counts the block's runs, the backward pass's recomputation included
+        layer.forward = (lambda f, i: lambda *a, **k: calls.append(i) or f(*a, **k))(layer.forward, layer.layer_id)
 
     def grads():
         model.zero_grad()
+        calls.clear()
         model(tokens).logsumexp(-1).mean().backward()
         return {k: p.grad.clone() for k, p in model.named_parameters()}
 
     plain = grads()
+    assert len(calls) == model.n_layers  # once each, in the forward pass
     model.set_activation_checkpointing(True)
     checkpointed = grads()
+    assert len(calls) == 2 * model.n_layers  # and again in the backward pass: the activations were not kept
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key])
 
