@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -106,9 +107,23 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 def _read_json(file: Path) -> dict:
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """A Meta shard's state dict, memory-mapped; a file torch cannot read is a ValueError naming it."""
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{file} is not a readable PyTorch checkpoint: {e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} must hold a state dict, got {type(state).__name__}")
+    return state
 
 
 def _meta_shards(path: Path) -> list[Path]:
@@ -188,6 +203,7 @@ def hf_config_from_model_args(args: ModelArgs, *, dtype: torch.dtype = torch.flo
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_theta": args.rope_theta,  # what transformers before 5.0 reads (it has no rope_parameters)
         "max_position_embeddings": args.max_seq_len,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -196,6 +212,7 @@ def hf_config_from_model_args(args: ModelArgs, *, dtype: torch.dtype = torch.flo
         "bos_token_id": 1,
         "eos_token_id": 2,
         "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),  # the same, under its name before transformers 5.0
     }
 
 
@@ -209,7 +226,7 @@ def read_model_args(path: str | os.PathLike[str]) -> ModelArgs:
     if params.get("vocab_size", -1) in (-1, None):
         # Meta's own params.json says -1 and leaves the size to the tokenizer: read it off the embedding.
         first = _meta_shards(path)[0]
-        state = torch.load(first, map_location="cpu", mmap=True, weights_only=True)
+        state = _torch_load(first)
         if "tok_embeddings.weight" not in state:
             raise ValueError(f"{first}: missing key 'tok_embeddings.weight' (needed for vocab_size -1)")
         vocab_size = state["tok_embeddings.weight"].shape[0]
@@ -226,15 +243,27 @@ def read_model_args(path: str | os.PathLike[str]) -> ModelArgs:
 def _read_meta_state(path: Path) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(Meta key, merged tensor, file name) for each weight of a Meta checkpoint, shards concatenated."""
     shards = _meta_shards(path)
-    states = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shards]
+    states = [_torch_load(p) for p in shards]
     for key in states[0]:
         missing = [shards[i].name for i, s in enumerate(states) if key not in s]
         if missing:
             raise ValueError(f"Key {key!r} of {shards[0].name} is missing from shard(s) {missing} in {path}")
         dim = meta_split_dim(key)
-        if len(states) == 1 or dim is None:
+        if len(states) == 1 or _IGNORED_KEY.search(key):
+            yield key, states[0][key], shards[0].name
+        elif dim is None:
+            # replicated in every shard (the norms): they must agree, or the shards are not one model's
+            for shard, state in zip(shards[1:], states[1:], strict=True):
+                if not torch.equal(state[key], states[0][key]):
+                    raise ValueError(f"{key!r} is replicated across shards but differs between {shards[0].name} "
+                                     f"and {shard.name} in {path}")
             yield key, states[0][key], shards[0].name
         else:
+            shapes = [tuple(s[key].shape) for s in states]
+            if any(len(shape) != len(shapes[0]) or shape[:dim] + shape[dim + 1:] != shapes[0][:dim] + shapes[0][dim + 1:]
+                   for shape in shapes):
+                raise ValueError(f"Shape mismatch for {key!r} across the shards of {path}: {shapes} cannot be "
+                                 f"joined along dimension {dim}")
             yield key, torch.cat([s[key] for s in states], dim=dim), f"{shards[0].name}..{shards[-1].name}"
     for shard, state in zip(shards[1:], states[1:], strict=True):
         extra = sorted(set(state) - set(states[0]))
@@ -259,10 +288,14 @@ def _hf_files(path: Path) -> list[Path]:
 
 def _read_hf_state(path: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(Meta key, tensor, file name) for each weight of a Hugging Face checkpoint, q/k rows permuted back."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for file in _hf_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+        with handle as f:
             for hf_key in f.keys():
                 if _IGNORED_KEY.search(hf_key):
                     continue

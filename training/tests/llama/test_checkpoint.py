@@ -236,3 +236,44 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path):
         save_meta_checkpoint(model, tmp_path / "ckpt", num_shards=3)
     loaded, _ = load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(logits(loaded), logits(model))
+
+
+def two_meta_shards(model, tmp_path):
+    """The model saved by hand as two model-parallel shards (as `test_meta_model_parallel_shards_are_merged`)."""
+    shards = [{}, {}]
+    for key, tensor in model.state_dict().items():
+        dim = META_MP_DIM.get(key.split(".")[-2])
+        for rank in range(2):
+            shards[rank][key] = tensor.clone() if dim is None else tensor.chunk(2, dim=dim)[rank].clone()
+    (tmp_path / "params.json").write_text(json.dumps(model.args.to_params_json()))
+    return shards
+
+
+def test_shards_that_are_not_one_models_are_refused(tmp_path):
+    model = tiny_model()
+    shards = two_meta_shards(model, tmp_path)
+    shards[1]["norm.weight"] = shards[1]["norm.weight"] + 1.0  # a replicated weight that differs
+    for rank, shard in enumerate(shards):
+        torch.save(shard, tmp_path / f"consolidated.{rank:02d}.pth")
+    with pytest.raises(ValueError, match=r"'norm\.weight' is replicated across shards but differs"):
+        load_checkpoint(tmp_path)
+    shards = two_meta_shards(model, tmp_path)
+    shards[1]["output.weight"] = shards[1]["output.weight"][:, :-1].clone()  # split rows, but one column short
+    for rank, shard in enumerate(shards):
+        torch.save(shard, tmp_path / f"consolidated.{rank:02d}.pth")
+    with pytest.raises(ValueError, match=r"Shape mismatch for 'output\.weight' across the shards"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_unreadable_weight_files_and_json_that_is_not_an_object_are_named(tmp_path, fmt):
+    save = save_meta_checkpoint if fmt == "meta" else save_hf_checkpoint
+    save(tiny_model(), tmp_path)
+    weights = next(tmp_path.glob("*.pth" if fmt == "meta" else "*.safetensors"))
+    weights.write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=f"{weights.name} is not a readable"):
+        load_checkpoint(tmp_path)
+    config = tmp_path / ("params.json" if fmt == "meta" else "config.json")
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{config.name} must hold a JSON object"):
+        load_checkpoint(tmp_path)
