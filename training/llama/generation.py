@@ -66,7 +66,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
         draw = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # inverse CDF: (bsz, 1)
         drawn = probs.gather(-1, draw)  # (bsz, 1), > 0
         mass_above = _mass_above(probs, drawn)
-        tied = (probs == drawn).sum(-1, keepdim=True)  # (bsz, 1), >= 1
+        tied = _count_tied(probs, drawn, mass_above)  # (bsz, 1), >= 1
         kept = torch.minimum(((p - mass_above) / drawn).floor() + 1, tied).clamp_(min=0)  # of the tied tokens
         keep = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * tied < kept
         accept = pending & keep
@@ -90,6 +90,22 @@ def _mass_above(probs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         return torch.where(probs > threshold, probs, 0.0).sum(-1, keepdim=True)
     sums = [F.threshold(row, t, 0.0).sum() for row, t in zip(probs, threshold.squeeze(-1).tolist(), strict=True)]
     return torch.stack(sums)[:, None]
+
+
+def _count_tied(probs: torch.Tensor, drawn: torch.Tensor, mass_above: torch.Tensor) -> torch.Tensor:
+    """How many tokens of each row have exactly the drawn probability: (bsz, 1), at least 1.
+
+    The mass at or above the draw, less the mass above it, is about (tied tokens) x (drawn probability); only
+    rows where that says two or more are counted exactly (`==` over the row costs twice a masked sum, and
+    with float32 logits ties are rare).
+    """
+    mass_at_or_above = _mass_above(probs, torch.nextafter(drawn, torch.zeros_like(drawn)))
+    maybe_tied = ((mass_at_or_above - mass_above) / drawn > 1.5).squeeze(-1)
+    tied = torch.ones_like(drawn, dtype=torch.long)
+    if bool(maybe_tied.any()):
+        rows = maybe_tied.nonzero().squeeze(-1)
+        tied[rows] = (probs[rows] == drawn[rows]).sum(-1, keepdim=True)
+    return tied
 
 
 def sample_full(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -183,8 +199,9 @@ def generate(
 ) -> GenerationResult:
     """Sample up to `max_new_tokens` tokens after each prompt, all prompts in one batch.
 
-    Temperature 0 is greedy decoding. A sequence stops at `eos_id` (excluded from its tokens; None: never);
-    like Meta, generation stops at the model's max_seq_len. `seed` makes the sampling reproducible (it uses
+    Temperature 0 is greedy decoding. A sequence stops at `eos_id` (excluded from its tokens; None: never)
+    and, as in Meta's code, when it holds max_seq_len tokens with its prompt: a long prompt in the batch does
+    not shorten the others' completions. `seed` makes the sampling reproducible (it uses
     its own torch.Generator, not the global one). The log-probs are those of `sample_next_token`: the
     temperature-scaled distribution before top-k/top-p truncation.
     """
@@ -193,8 +210,11 @@ def generate(
     bsz = len(prompt_tokens)
     prompt_lens = [len(p) for p in prompt_tokens]
     max_prompt_len = max(prompt_lens)
-    total_len = min(model.args.max_seq_len, max_prompt_len + max_new_tokens)
-    n_steps = total_len - max_prompt_len
+    # Each sequence's own budget; its rotary positions count its own tokens (KVCache), so the cache may have
+    # more slots than max_seq_len when a long and a short prompt share the batch.
+    budgets = [min(max_new_tokens, model.args.max_seq_len - n) for n in prompt_lens]
+    n_steps = max(budgets)
+    total_len = max_prompt_len + n_steps
 
     generator = None
     if seed is not None:
@@ -213,6 +233,7 @@ def generate(
     out_tokens = torch.zeros(bsz, n_steps, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(bsz, n_steps, dtype=torch.float32, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    out_of_budget = torch.tensor(budgets, device=device)  # the step at which each sequence is full
     n_generated = 0
     if n_steps > 0:
         kv_cache = model.new_kv_cache(bsz, total_len)
@@ -226,17 +247,23 @@ def generate(
             out_tokens[:, step] = next_token
             out_logprobs[:, step] = logprob
             n_generated = step + 1
-            if eos_id is not None:
-                done |= next_token == eos_id
+            if eos_id is not None or ragged:
+                if eos_id is not None:
+                    done |= next_token == eos_id
+                done |= out_of_budget <= n_generated
                 if bool(done.all()):
                     break
             if step + 1 < n_steps:
-                h = model.forward_hidden(next_token[:, None], start_pos=max_prompt_len + step, kv_cache=kv_cache)
+                # in a padded batch a finished sequence goes on as padding, so a full one takes no position
+                h = model.forward_hidden(next_token[:, None], start_pos=max_prompt_len + step, kv_cache=kv_cache,
+                                         attention_mask=~done[:, None] if ragged else None)
                 logits = _output_head(model, h[:, -1])
 
     tokens = out_tokens[:, :n_generated].tolist()
     logprobs = out_logprobs[:, :n_generated].tolist()
     for i, seq in enumerate(tokens):
+        tokens[i], logprobs[i] = seq[:budgets[i]], logprobs[i][:budgets[i]]
+        seq = tokens[i]
         if eos_id is not None and eos_id in seq:
             stop = seq.index(eos_id)
             tokens[i], logprobs[i] = seq[:stop], logprobs[i][:stop]

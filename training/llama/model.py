@@ -182,22 +182,26 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for `max_seq_len` positions, allocated once per generation.
+    """Keys and values of every layer for `max_seq_len` slots, allocated once per generation.
 
     Kept in the layout SDPA reads, (n_layers, bsz, n_kv_heads, max_seq_len, head_dim), so that a decoding
-    step writes one position and reads a slice with no copy. `key_mask` records which cached positions are
-    real tokens, for batches that were padded.
+    step writes one slot and reads a slice with no copy. `key_mask` records which slots hold real tokens, for
+    batches that were padded. In a padded batch each row's rotary positions count its own real tokens
+    (`next_position`), so a left-padded row's positions are those of its prompt alone; the cache may then
+    hold up to twice the model's max_seq_len slots, while each row's positions stay below max_seq_len.
     """
 
     def __init__(self, args: ModelArgs, bsz: int, max_seq_len: int, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        if max_seq_len > args.max_seq_len:
-            raise ValueError(f"KV cache length {max_seq_len} exceeds the model's max_seq_len {args.max_seq_len}")
+        if max_seq_len > 2 * args.max_seq_len:
+            raise ValueError(f"KV cache length {max_seq_len} exceeds twice the model's max_seq_len "
+                             f"{args.max_seq_len}")
         shape = (args.n_layers, bsz, args.kv_heads, max_seq_len, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.key_mask = torch.ones(bsz, max_seq_len, device=device, dtype=torch.bool)
         self.has_padding = False
+        self.next_position: torch.Tensor | None = None  # (bsz,) once the batch has padding
 
     @property
     def bsz(self) -> int:
@@ -436,7 +440,7 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must hold at least one token, got shape {tuple(tokens.shape)}")
         bsz, seqlen = tokens.shape
         end = start_pos + seqlen
-        limit = self.args.max_seq_len if kv_cache is None else min(self.args.max_seq_len, kv_cache.max_seq_len)
+        limit = self.args.max_seq_len if kv_cache is None else kv_cache.max_seq_len  # positions, or cache slots
         if start_pos < 0 or end > limit:
             raise ValueError(f"positions {start_pos}..{end - 1} exceed the maximum sequence length {limit}")
         if kv_cache is None and start_pos != 0:
@@ -448,7 +452,14 @@ class Transformer(nn.Module):
         layers = self.layers if self._compiled_layers is None or kv_cache is not None else self._compiled_layers
         if position_ids is None:
             mask = self._attention_mask(bsz, seqlen, start_pos, kv_cache, attention_mask)
-            freqs_cis = self.freqs_cis(h.device)[start_pos:end]  # (seqlen, head_dim // 2)
+            if kv_cache is not None and kv_cache.has_padding:
+                positions = self._padded_positions(kv_cache, start_pos, seqlen, attention_mask)
+                freqs_cis = self.freqs_cis(h.device)[positions][:, None]  # (bsz, 1, seqlen, head_dim // 2)
+            else:
+                if end > self.args.max_seq_len:
+                    raise ValueError(f"positions {start_pos}..{end - 1} exceed the maximum sequence length "
+                                     f"{self.args.max_seq_len}")
+                freqs_cis = self.freqs_cis(h.device)[start_pos:end]  # (seqlen, head_dim // 2)
         else:
             mask, freqs_cis = self._packed_rows(position_ids, tokens, kv_cache, attention_mask,
                                                 compiled=layers is not self.layers)
@@ -458,6 +469,28 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, freqs_cis, mask, start_pos, kv_cache)
         return self.norm(h)
+
+    def _padded_positions(self, kv_cache: KVCache, start_pos: int, seqlen: int,
+                          attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Each row's rotary positions (bsz, seqlen) in a padded batch: its real tokens counted from 0.
+
+        A padding token takes its row's next position (its output is never read: no real token sees it), at
+        most the last one: a row that is full takes only padding.
+        """
+        device = kv_cache.key_mask.device
+        base = kv_cache.next_position
+        if base is None:  # the batch's first padding: the slots before were every row's positions
+            base = torch.full((kv_cache.bsz,), start_pos, dtype=torch.long, device=device)
+        if attention_mask is None:
+            counts = torch.arange(1, seqlen + 1, device=device).expand(kv_cache.bsz, seqlen)
+        else:
+            counts = attention_mask.to(device=device, dtype=torch.long).cumsum(-1)  # real tokens so far
+        positions = (base[:, None] + (counts - 1).clamp(min=0)).clamp(max=self.args.max_seq_len - 1)
+        kv_cache.next_position = base + counts[:, -1]
+        if int(kv_cache.next_position.max()) > self.args.max_seq_len:
+            raise ValueError(f"a row of the batch reaches {int(kv_cache.next_position.max())} tokens, more than "
+                             f"the maximum sequence length {self.args.max_seq_len}")
+        return positions
 
     def _packed_rows(self, position_ids: torch.Tensor, tokens: torch.Tensor, kv_cache: KVCache | None,
                      attention_mask: torch.Tensor | None, *,

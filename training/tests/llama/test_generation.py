@@ -57,6 +57,18 @@ def test_stories260k_ragged_batch_equals_each_prompt_alone(stories):
     assert batch.tokens[1] == ids[7:47]  # the oracle continues its own prefix
 
 
+def test_a_long_prompt_does_not_shorten_the_others_near_max_seq_len(tiny):
+    """Each sequence stops at max_seq_len tokens of its own (tiny: 128), as in Meta's code, and equals itself alone."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [[1, *torch.randint(3, 64, (99,), generator=g).tolist()], [1, 7, 8, 9, 10]]
+    batch = generate(tiny, prompts, max_new_tokens=50, temperature=0.0, eos_id=None)
+    assert [len(t) for t in batch.tokens] == [28, 50]
+    for prompt, tokens, logprobs in zip(prompts, batch.tokens, batch.logprobs, strict=True):
+        alone = generate(tiny, [prompt], max_new_tokens=50, temperature=0.0, eos_id=None)
+        assert tokens == alone.tokens[0]
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(alone.logprobs[0]), atol=1e-5, rtol=0)
+
+
 def test_cached_sampling_equals_recomputing_the_full_sequence(tiny):
     """KV-cache decoding picks the same tokens, with the same log-probs, as full forward passes."""
     prompts = [[1, 5, 9, 3], [1, 7]]
