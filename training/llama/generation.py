@@ -84,9 +84,9 @@ def _mass_above(probs: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
     On CPU a `threshold` call a row is several times faster than one `torch.where` over the batch (0.09 against
     0.7 ms for 8 x 32,000 floats, once or twice a decoding step); both give the same sums. A Python loop over
-    the rows is only worth it for a decoding batch, not for thousands of rows.
+    the rows is only worth it for a decoding batch, not for thousands of rows, and for a large vocabulary.
     """
-    if probs.device.type != "cpu" or probs.shape[0] > 64:
+    if probs.device.type != "cpu" or probs.shape[0] > 64 or probs.shape[1] < 16384:
         return torch.where(probs > threshold, probs, 0.0).sum(-1, keepdim=True)
     sums = [F.threshold(row, t, 0.0).sum() for row, t in zip(probs, threshold.squeeze(-1).tolist(), strict=True)]
     return torch.stack(sums)[:, None]
@@ -99,6 +99,8 @@ def _count_tied(probs: torch.Tensor, drawn: torch.Tensor, mass_above: torch.Tens
     rows where that says two or more are counted exactly (`==` over the row costs twice a masked sum, and
     with float32 logits ties are rare).
     """
+    if probs.shape[1] < 16384:  # a small vocabulary: counting is cheaper than the estimate
+        return (probs == drawn).sum(-1, keepdim=True)
     mass_at_or_above = _mass_above(probs, torch.nextafter(drawn, torch.zeros_like(drawn)))
     maybe_tied = ((mass_at_or_above - mass_above) / drawn > 1.5).squeeze(-1)
     tied = torch.ones_like(drawn, dtype=torch.long)
@@ -131,8 +133,9 @@ def sample_next_token(
     """
     if temperature > 0:
         scaled = logits / temperature
-        logprobs = torch.log_softmax(scaled, dim=-1)
-        if top_k is not None and top_k < scaled.shape[-1]:
+        truncated = top_k is not None and top_k < scaled.shape[-1]
+        logprobs = torch.log_softmax(scaled, dim=-1) if truncated else None
+        if truncated:
             kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (bsz, 1)
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
@@ -140,6 +143,10 @@ def sample_next_token(
             next_token = sample_top_p(probs, top_p, generator).squeeze(-1)
         else:
             next_token = sample_full(probs, generator).squeeze(-1)
+        if logprobs is None:
+            # probs is the untruncated distribution: the log of a drawn token's (never 0) probability saves
+            # a log-softmax pass over the vocabulary
+            return next_token, probs.gather(-1, next_token[:, None]).squeeze(-1).log()
     else:
         logprobs = torch.log_softmax(logits, dim=-1)
         next_token = torch.argmax(logits, dim=-1)
@@ -179,7 +186,7 @@ def _output_head(model: Transformer, h: torch.Tensor) -> torch.Tensor:
     """
     head = model.output
     plain = type(head) is torch.nn.Linear and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks)
-    if h.device.type == "cpu" and h.shape[0] <= 8 and plain:
+    if h.device.type == "cpu" and h.shape[0] <= 8 and head.weight.numel() >= 65536 and plain:
         return torch.mm(head.weight, h.t()).t().contiguous().float()  # contiguous: the sampler's passes read rows
     return head(h).float()
 
@@ -234,6 +241,8 @@ def generate(
     out_logprobs = torch.zeros(bsz, n_steps, dtype=torch.float32, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     out_of_budget = torch.tensor(budgets, device=device)  # the step at which each sequence is full
+    # near max_seq_len a long prompt's sequence is full before the others: from then on it is padding
+    unequal_budgets = len(set(budgets)) > 1
     n_generated = 0
     if n_steps > 0:
         kv_cache = model.new_kv_cache(bsz, total_len)
@@ -247,16 +256,16 @@ def generate(
             out_tokens[:, step] = next_token
             out_logprobs[:, step] = logprob
             n_generated = step + 1
-            if eos_id is not None or ragged:
+            if eos_id is not None or unequal_budgets:
                 if eos_id is not None:
                     done |= next_token == eos_id
                 done |= out_of_budget <= n_generated
                 if bool(done.all()):
                     break
             if step + 1 < n_steps:
-                # in a padded batch a finished sequence goes on as padding, so a full one takes no position
+                # a sequence that is full (near max_seq_len, before the others) goes on as padding
                 h = model.forward_hidden(next_token[:, None], start_pos=max_prompt_len + step, kv_cache=kv_cache,
-                                         attention_mask=~done[:, None] if ragged else None)
+                                         attention_mask=~done[:, None] if unequal_budgets else None)
                 logits = _output_head(model, h[:, -1])
 
     tokens = out_tokens[:, :n_generated].tolist()

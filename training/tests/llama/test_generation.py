@@ -142,9 +142,9 @@ def test_rejection_top_p_samples_metas_nucleus_distribution(p):
         torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
-@pytest.mark.parametrize("rows", [1, 8, 65])
-def test_nucleus_mass_above_a_draw_is_the_masked_sum(rows):
-    probs = torch.softmax(torch.randn(rows, 3000, generator=torch.Generator().manual_seed(rows)), dim=-1)
+@pytest.mark.parametrize(("rows", "vocab_size"), [(1, 20_000), (8, 20_000), (65, 20_000), (8, 3000)])
+def test_nucleus_mass_above_a_draw_is_the_masked_sum(rows, vocab_size):
+    probs = torch.softmax(torch.randn(rows, vocab_size, generator=torch.Generator().manual_seed(rows)), dim=-1)
     threshold = probs[:, 7:8]
     expected = torch.where(probs > threshold, probs, 0.0).sum(-1, keepdim=True)
     assert torch.equal(_mass_above(probs, threshold), expected)
@@ -278,3 +278,13 @@ def test_cli_refuses_a_tokenizer_that_is_not_the_models(shared_data, capsys, tmp
                           str(tmp_path / "bad.model"), "--prompt", "hi"])
     assert code == 2
     assert "is not a SentencePiece model" in capsys.readouterr().err
+
+
+def test_ties_in_a_large_vocabulary_decoding_batch_are_counted():
+    """The same tie rule on the path of a decoding batch with a large vocabulary (the tie count estimated)."""
+    probs = torch.zeros(20_000)
+    probs[[3, 11_000, 19_999]] = torch.tensor([0.5, 0.25, 0.25])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_top_p(probs.repeat(50, 1), 0.6, generator).squeeze(-1) for _ in range(300)])
+    assert set(draws.tolist()) <= {3, 11_000, 19_999}
+    assert abs((draws == 3).float().mean().item() - 2 / 3) < 0.015  # Meta's nucleus: 0.5 and one 0.25
