@@ -7,7 +7,7 @@ it. A model trained from scratch on a few thousand pairs needs another recipe th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from training.llama.model import ModelArgs
@@ -25,6 +25,24 @@ class FromScratchConfig:
         return ModelArgs(vocab_size=vocab_size, **self.model)
 
 
+_TINY = FromScratchConfig(
+    name="tiny",
+    model=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, multiple_of=32, max_seq_len=48),
+    training=dict(
+        max_seq_len=48,
+        global_batch_size=32,
+        micro_batch_size=32,
+        learning_rate=3e-4,
+        epochs=3,
+        weight_decay=1.0,
+        token_dropout=0.1,
+        min_token_count=20,
+        validation_fraction=0.0,
+        eval_every=0,
+        early_stopping_patience=None,
+    ),
+)
+
 FROM_SCRATCH_CONFIGS: dict[str, FromScratchConfig] = {
     # Tuned on the HH-RLHF harmless pairs (1,440 training pairs, 2 CPU cores; see docs/benchmarks.md). With so
     # few pairs everything bigger memorised them within two epochs: the model is one narrow layer, reads the
@@ -32,49 +50,16 @@ FROM_SCRATCH_CONFIGS: dict[str, FromScratchConfig] = {
     # times, drops 10% of the tokens while training and decays its weights ten times harder than the report.
     # A held-out validation set of a few hundred pairs selected no better than this fixed 3-epoch schedule, and
     # neither more data (helpfulness, XSTest) nor a soup of a wider model (chosen by cross-validation) beat it.
-    "tiny": FromScratchConfig(
-        name="tiny",
-        model=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, multiple_of=32, max_seq_len=48),
-        training=dict(
-            max_seq_len=48,
-            global_batch_size=32,
-            micro_batch_size=32,
-            learning_rate=3e-4,
-            epochs=3,
-            weight_decay=1.0,
-            token_dropout=0.1,
-            min_token_count=20,
-            validation_fraction=0.0,
-            eval_every=0,
-            early_stopping_patience=None,
-        ),
-    ),
+    "tiny": _TINY,
     # An ensemble of 16 `tiny`-sized models (rewards.ensemble: each its own initial weights and batch order, scored
     # with the mean), each reading only the last user turn and a 128-token window at a 3x higher learning rate.
     # Chosen by 4-fold cross-validation on the HH-RLHF harmless training pairs (docs/benchmarks.md): 0.619 against
     # 0.600 for `tiny` and 0.611 for one such model; an ensemble of `tiny` itself gained nothing (0.602). 16 runs of
     # a few seconds each on one CPU thread.
-    "tiny-ensemble": FromScratchConfig(
-        name="tiny-ensemble",
-        model=dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, multiple_of=32, max_seq_len=128),
-        training=dict(
-            max_seq_len=128,
-            global_batch_size=32,
-            micro_batch_size=32,
-            learning_rate=1e-3,
-            epochs=3,
-            weight_decay=1.0,
-            token_dropout=0.1,
-            min_token_count=20,
-            validation_fraction=0.0,
-            eval_every=0,
-            early_stopping_patience=None,
-            context_turns=1,
-            ensemble=16,
-        ),
+    "tiny-ensemble": replace(
+        _TINY, name="tiny-ensemble", model={**_TINY.model, "max_seq_len": 128},
+        training={**_TINY.training, "max_seq_len": 128, "learning_rate": 1e-3, "context_turns": 1, "ensemble": 16},
     ),
-    # For tens of thousands of pairs: wider, two layers, a longer window, and validation-based model selection.
-    # Not tuned on data of that size (none is in the repository's reference data).
     "small": FromScratchConfig(
         name="small",
         model=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, multiple_of=32, max_seq_len=128),
