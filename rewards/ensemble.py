@@ -13,7 +13,6 @@ rewards.evaluate, rewards.scoring and the platform load like any other.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,8 +54,6 @@ def train_reward_ensemble(
     from its checkpoint when the ensemble is trained again), and no member starts once the budget is spent. A
     finished member is not trained again.
     """
-    from rewards.evaluate import evaluate_reward_model
-    from rewards.train import REPORT_FILE, load_pairs
 
     assert config.ensemble is not None
     start = time.monotonic()
@@ -76,10 +73,5 @@ def train_reward_ensemble(
     }
     save_reward_ensemble(finished, out_dir / "model", metadata=metadata)
 
-    _, _, test = load_pairs(config, pairs)
-    test_report = evaluate_reward_model(out_dir / "model", test) if test else None
-    if test_report is not None:
-        (out_dir / REPORT_FILE).write_text(json.dumps(test_report, indent=2) + "\n")
-    return combined_result(config, results, complete=len(finished) == config.ensemble,
-                           elapsed_s=time.monotonic() - start, n_test_pairs=len(test), test_report=test_report,
-                           label="member")
+    return combined_result(config, results, pairs=pairs, complete=len(finished) == config.ensemble,
+                           elapsed_s=time.monotonic() - start, label="member")

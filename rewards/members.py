@@ -7,6 +7,7 @@ a run that the budget stopped keeps its train_state.pt and goes on from there ne
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,12 +77,21 @@ def train_in_turn(
 
 
 def combined_result(
-    config: RewardTrainConfig, results: Sequence[RewardTrainResult], *, complete: bool, elapsed_s: float,
-    n_test_pairs: int, test_report: dict | None, label: str,
+    config: RewardTrainConfig, results: Sequence[RewardTrainResult], *, pairs: Sequence[PreferencePair] | None,
+    complete: bool, elapsed_s: float, label: str,
 ) -> RewardTrainResult:
-    """One RewardTrainResult for several runs: their steps summed, their histories tagged with `label`: index."""
-    from rewards.train import RewardTrainResult
+    """One RewardTrainResult for several runs, the combined model in out_dir/model tested on the test split.
 
+    Their steps summed, their histories tagged with `label`: index; the test report also written to out_dir.
+    """
+    from rewards.evaluate import evaluate_reward_model
+    from rewards.train import REPORT_FILE, RewardTrainResult, load_pairs
+
+    _, _, test = load_pairs(config, pairs)
+    test_report = evaluate_reward_model(Path(config.out_dir) / "model", test) if test else None
+    if test_report is not None:
+        (Path(config.out_dir) / REPORT_FILE).write_text(json.dumps(test_report, indent=2) + "\n")
+    n_test_pairs = len(test)
     return RewardTrainResult(
         out_dir=str(config.out_dir), steps=sum(r.steps for r in results), total_steps=sum(r.total_steps for r in results),
         stopped="completed" if complete else "max_minutes", elapsed_s=elapsed_s,

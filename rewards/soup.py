@@ -9,7 +9,6 @@ trains in seconds, so a time budget of minutes buys many ingredients.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,8 +57,6 @@ def train_reward_soup(
     Under a time budget each ingredient may use all that is left; one that the budget stops is left out of the
     average, and no ingredient starts once the budget is spent.
     """
-    from rewards.evaluate import evaluate_reward_model
-    from rewards.train import REPORT_FILE, load_pairs
 
     assert config.soup_size is not None
     start = time.monotonic()
@@ -79,10 +76,5 @@ def train_reward_soup(
     save_reward_model(soup, out_dir / "model", kind=config.kind, tokenizer_path=finished[0] / info.tokenizer_file,
                       max_seq_len=info.max_seq_len, metadata=metadata, context_turns=info.context_turns)
 
-    _, _, test = load_pairs(config, pairs)
-    test_report = evaluate_reward_model(out_dir / "model", test) if test else None
-    if test_report is not None:
-        (out_dir / REPORT_FILE).write_text(json.dumps(test_report, indent=2) + "\n")
-    return combined_result(config, results, complete=len(finished) == config.soup_size,
-                           elapsed_s=time.monotonic() - start, n_test_pairs=len(test), test_report=test_report,
-                           label="ingredient")
+    return combined_result(config, results, pairs=pairs, complete=len(finished) == config.soup_size,
+                           elapsed_s=time.monotonic() - start, label="ingredient")
