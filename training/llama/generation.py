@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.llama.model import Transformer
+from training.llama.model import Transformer, decode_linear
 
 
 @dataclass
@@ -178,17 +178,10 @@ def _validate(model: Transformer, prompt_tokens: Sequence[Sequence[int]], max_ne
 def _output_head(model: Transformer, h: torch.Tensor) -> torch.Tensor:
     """float32 logits (bsz, vocab_size) of the last hidden states h (bsz, dim): `model.output(h)`.
 
-    On CPU, for the few rows of a decoding step, MKL runs the same product as weight @ h.T much faster than as
-    h @ weight.T, which is what `nn.Linear` asks for (vocabulary 32,000, dim 512, 8 rows: 7.7 against 11.4 ms on
-    one thread, 4.1 against 9.4 ms on two; about 1.2x on the sampling benchmark). The same float32 products,
-    summed in another order (logits differ by about 1e-6); from about 12 rows the usual order is as fast or
-    faster, so it is kept there. A head that is not a plain `nn.Linear` (an adapter) or has hooks is called.
+    Through `decode_linear` on one thread too: for a decoding step's few rows MKL runs the head much faster as
+    weight @ h.T (about 1.2x on the sampling benchmark). Contiguous: the sampler's passes read rows.
     """
-    head = model.output
-    plain = type(head) is torch.nn.Linear and head.bias is None and not (head._forward_hooks or head._forward_pre_hooks)
-    if h.device.type == "cpu" and h.shape[0] <= 8 and head.weight.numel() >= 65536 and plain:
-        return torch.mm(head.weight, h.t()).t().contiguous().float()  # contiguous: the sampler's passes read rows
-    return head(h).float()
+    return decode_linear(model.output, h, on_one_thread=True).float()
 
 
 @torch.inference_mode()

@@ -153,14 +153,19 @@ def test_nucleus_mass_above_a_draw_is_the_masked_sum(rows, vocab_size):
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
 def test_decoding_head_gives_the_output_layers_logits(rows):
     torch.manual_seed(0)
-    model = Transformer(ModelArgs.preset("tiny", vocab_size=1000)).eval()
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=4096)).eval()  # a head big enough to take the path
     h = torch.randn(rows, model.args.dim)
-    logits = _output_head(model, h)
+    with torch.inference_mode():  # as in generate: training takes the module's own path
+        logits = _output_head(model, h)
     torch.testing.assert_close(logits, model.output(h), rtol=1e-5, atol=1e-5)
     assert logits.is_contiguous()
+    weight_first = torch.mm(model.output.weight, h.t()).t()
+    assert torch.equal(logits, weight_first if rows <= 8 else model.output(h))  # which order computed it
     # a hook on the head (or an adapter in its place) is honoured: the head is then called
     handle = model.output.register_forward_hook(lambda module, args, out: out + 1.0)
-    torch.testing.assert_close(_output_head(model, h), logits + 1.0, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        hooked = _output_head(model, h)
+    torch.testing.assert_close(hooked, logits + 1.0, rtol=1e-5, atol=1e-5)
     handle.remove()
 
 
