@@ -6,7 +6,8 @@ Differences from Meta's file, all behaviour-preserving:
 - the rotary table is computed in float32/complex64 on first use on each device rather than kept as a
   buffer, so `model.to(torch.bfloat16)` cannot round it;
 - attention through `F.scaled_dot_product_attention` with grouped-query attention done by the kernel
-  (`enable_gqa`) rather than by copying the key/value heads (`repeat_kv`, kept as the definition);
+  (`enable_gqa`) wherever a fused kernel takes it, rather than by copying the key/value heads (`repeat_kv`,
+  kept as the definition; see `attention.py`);
 - an optional per-token `attention_mask` for padded batches, and `position_ids` for packed rows (several
   examples in a row, each attending only to itself; see `packing.py`);
 - an optional `targets` argument that returns the training loss without materialising the logits.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from training.llama.attention import attention
 from training.llama.loss import linear_cross_entropy
 from training.llama.packing import PackedDocuments, packed_attention
 
@@ -281,13 +283,12 @@ class Attention(nn.Module):
             xk, xv = kv_cache.update(layer_id, start_pos, xk, xv)
 
         if isinstance(mask, PackedDocuments):
-            output = packed_attention(xq, xk, xv, mask, enable_gqa=self.n_rep > 1)
+            output = packed_attention(xq, xk, xv, mask)
         else:
             # Without an explicit mask the block is causal from position 0 (training, prefill) or a single
             # query that sees every cached key (decoding); SDPA's own causal path is the fastest for the first.
-            output = F.scaled_dot_product_attention(
-                xq, xk, xv, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=self.n_rep > 1
-            )  # (bsz, n_heads, seqlen, head_dim)
+            output = attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None and seqlen > 1)
+            # (bsz, n_heads, seqlen, head_dim)
         output = output.transpose(1, 2).reshape(bsz, seqlen, -1)
         return decode_linear(self.wo, output)
 

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from training.llama.attention import attention
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,9 @@ class PackedDocuments:
         return (causal & (document[:, :, None] == document[:, None, :]))[:, None]
 
 
-def packed_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, documents: PackedDocuments, *,
-                     enable_gqa: bool = False) -> torch.Tensor:
-    """Causal attention within each document of each row; q (bsz, n_heads, seqlen, head_dim), k/v likewise.
+def packed_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, documents: PackedDocuments) -> torch.Tensor:
+    """Causal attention within each document of each row; q (bsz, n_heads, seqlen, head_dim), k/v likewise
+    (bsz, n_kv_heads, seqlen, head_dim).
 
     One causal SDPA call per document: what lies between documents (and above each diagonal) is never computed,
     where a block-diagonal mask would make the kernel visit the whole seqlen x seqlen square. The pieces are
@@ -64,7 +65,7 @@ def packed_attention(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, docum
     full-size gradient per piece).
     """
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        return attention(q, k, v, is_causal=True)
 
     rows = []
     for q, k, v, bounds in zip(xq.split(1), xk.split(1), xv.split(1), documents.bounds, strict=True):

@@ -1,0 +1,35 @@
+"""Grouped-query attention through `F.scaled_dot_product_attention`, on a fused kernel on every device.
+
+SDPA can share each key/value head among its `n_rep` query heads itself (`enable_gqa`), without copying them
+(`repeat_kv` in `model.py` is the definition of what that computes). On CPU its flash kernel takes
+`enable_gqa` with or without a mask, in any dtype. On CUDA only the flash backend takes `enable_gqa`, and the
+flash backend takes neither a mask nor float32: any other call with `enable_gqa` falls to the math backend,
+which materialises the (queries x keys) scores in float32, O(seqlen^2) memory (pytorch/pytorch#139586). There
+the heads are repeated instead, so that the memory-efficient or cuDNN kernels take the call: ragged batches
+(a padding mask), packed rows under `compile_blocks` (a block-diagonal mask) and float32 runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shares_kv_heads_in_kernel(device_type: str, dtype: torch.dtype, *, masked: bool) -> bool:
+    """Whether SDPA on this device gets `enable_gqa` (True) or key/value heads repeated beforehand (False)."""
+    if device_type != "cuda":
+        return True
+    return not masked and dtype in (torch.float16, torch.bfloat16)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """SDPA of q (bsz, n_heads, seqlen, head_dim) over k, v (bsz, n_kv_heads, kv_len, head_dim).
+
+    n_heads is a multiple of n_kv_heads: query head i reads key/value head i // (n_heads // n_kv_heads).
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1 and not shares_kv_heads_in_kernel(q.device.type, q.dtype, masked=attn_mask is not None):
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        n_rep = 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=n_rep > 1)
