@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.llama.model import Transformer, decode_linear
+from training.llama.linear import decode_linear, packed_weights
+from training.llama.model import Transformer
 
 
 @dataclass
@@ -178,8 +179,8 @@ def _validate(model: Transformer, prompt_tokens: Sequence[Sequence[int]], max_ne
 def _output_head(model: Transformer, h: torch.Tensor) -> torch.Tensor:
     """float32 logits (bsz, vocab_size) of the last hidden states h (bsz, dim): `model.output(h)`.
 
-    Through `decode_linear` on one thread too: for a decoding step's few rows MKL runs the head much faster as
-    weight @ h.T (about 1.2x on the sampling benchmark). Contiguous: the sampler's passes read rows.
+    Through `decode_linear`, with `on_one_thread`: without packed weights, for a decoding step's few rows MKL
+    runs the head much faster as weight @ h.T on one thread too. Contiguous: the sampler's passes read rows.
     """
     return decode_linear(model.output, h, on_one_thread=True).float()
 
@@ -238,28 +239,30 @@ def generate(
     unequal_budgets = len(set(budgets)) > 1
     n_generated = 0
     if n_steps > 0:
-        kv_cache = model.new_kv_cache(bsz, total_len)
-        # Only the last position's logits are needed: skip the output head on the rest of the prompt.
-        h = model.forward_hidden(prompts, kv_cache=kv_cache, attention_mask=real if ragged else None)
-        logits = _output_head(model, h[:, -1])  # (bsz, vocab_size)
-        for step in range(n_steps):
-            next_token, logprob = sample_next_token(
-                logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
-            )
-            out_tokens[:, step] = next_token
-            out_logprobs[:, step] = logprob
-            n_generated = step + 1
-            if eos_id is not None or unequal_budgets:
-                if eos_id is not None:
-                    done |= next_token == eos_id
-                done |= out_of_budget <= n_generated
-                if bool(done.all()):
-                    break
-            if step + 1 < n_steps:
-                # a sequence that is full (near max_seq_len, before the others) goes on as padding
-                h = model.forward_hidden(next_token[:, None], start_pos=max_prompt_len + step, kv_cache=kv_cache,
-                                         attention_mask=~done[:, None] if unequal_budgets else None)
-                logits = _output_head(model, h[:, -1])
+        # On CPU the decoding steps read the weights from copies laid out for bsz-row products (linear.py)
+        with packed_weights(model, bsz):
+            kv_cache = model.new_kv_cache(bsz, total_len)
+            # Only the last position's logits are needed: skip the output head on the rest of the prompt.
+            h = model.forward_hidden(prompts, kv_cache=kv_cache, attention_mask=real if ragged else None)
+            logits = _output_head(model, h[:, -1])  # (bsz, vocab_size)
+            for step in range(n_steps):
+                next_token, logprob = sample_next_token(
+                    logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+                )
+                out_tokens[:, step] = next_token
+                out_logprobs[:, step] = logprob
+                n_generated = step + 1
+                if eos_id is not None or unequal_budgets:
+                    if eos_id is not None:
+                        done |= next_token == eos_id
+                    done |= out_of_budget <= n_generated
+                    if bool(done.all()):
+                        break
+                if step + 1 < n_steps:
+                    # a sequence that is full (near max_seq_len, before the others) goes on as padding
+                    h = model.forward_hidden(next_token[:, None], start_pos=max_prompt_len + step, kv_cache=kv_cache,
+                                             attention_mask=~done[:, None] if unequal_budgets else None)
+                    logits = _output_head(model, h[:, -1])
 
     tokens = out_tokens[:, :n_generated].tolist()
     logprobs = out_logprobs[:, :n_generated].tolist()

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.llama.attention import attention
+from training.llama.linear import decode_linear
 from training.llama.loss import linear_cross_entropy
 from training.llama.packing import PackedDocuments, packed_attention
 
@@ -181,28 +182,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         .expand(bs, slen, n_kv_heads, n_rep, head_dim)
         .reshape(bs, slen, n_kv_heads * n_rep, head_dim)
     )
-
-
-def decode_linear(layer: nn.Linear, x: torch.Tensor, *, on_one_thread: bool = False) -> torch.Tensor:
-    """`layer(x)`; for the few rows of a decoding step on CPU with several threads, as weight @ x.T.
-
-    MKL runs x @ weight.T (what `nn.Linear` asks for) with a handful of rows on one thread whatever
-    `torch.get_num_threads()` says, while weight @ x.T is split over the threads: for the 58M model's layers at
-    8 rows and two threads 1.0-1.8x faster a product, 12% on the sampling benchmark. On one thread it is mixed
-    (0.6x-1.07x by shape), so the usual order stays there, as it does for small matrices (under 65,536
-    weights: the extra transposes cost more than they save). The same products, summed in another order. A
-    layer that is not a plain bias-free `nn.Linear` (an adapter) or has hooks is called as usual, as is training.
-    `on_one_thread`: take the weight-first order on one thread too (the output head: 32,000 x 512 at 8 rows, 7.7
-    against 11.4 ms on one thread, 4.1 against 9.4 ms on two; it holds up to 8 rows, from 12 it is slower).
-    """
-    rows = x.numel() // x.shape[-1]
-    if (rows > 8 or layer.weight.numel() < 65536 or x.device.type != "cpu" or torch.is_grad_enabled()
-            or (torch.get_num_threads() == 1 and not on_one_thread)
-            or type(layer) is not nn.Linear or layer.bias is not None or layer._forward_hooks
-            or layer._forward_pre_hooks):
-        return layer(x)
-    out = torch.mm(layer.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class KVCache:

@@ -13,7 +13,6 @@ from training.llama.model import (
     Transformer,
     TransformerBlock,
     apply_rotary_emb,
-    decode_linear,
     fsdp_wrap_policy,
     precompute_freqs_cis,
     repeat_kv,
@@ -323,24 +322,3 @@ def test_compiled_blocks_give_the_eager_loss_gradients_and_cached_decoding():
         chunks += [model(tokens[:, t : t + 1], start_pos=t, kv_cache=cache) for t in range(20, 24)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("rows", [1, 8, 9])
-def test_decode_linear_gives_the_layers_output_and_calls_hooked_layers(rows):
-    layer = torch.nn.Linear(64, 96, bias=False)
-    x = torch.randn(rows, 1, 64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the weight-first order runs with several threads only
-    try:
-        with torch.inference_mode():
-            out = decode_linear(layer, x)
-            torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
-            assert out.is_contiguous()
-            handle = layer.register_forward_hook(lambda module, args, result: result * 2.0)
-            torch.testing.assert_close(decode_linear(layer, x), 2.0 * out, rtol=1e-5, atol=1e-5)
-            handle.remove()
-        y = decode_linear(layer, x.requires_grad_())  # training: the module itself, gradients flow
-        y.sum().backward()
-        assert x.grad is not None
-    finally:
-        torch.set_num_threads(threads)

@@ -1,0 +1,124 @@
+"""The linear layers of a decoding step on CPU: products of a few rows with large weights.
+
+A decoding step multiplies a handful of rows (one a sequence) by every weight matrix of the model, so it is
+bound by how fast those weights stream from memory. MKL's float32 product, what `nn.Linear` calls, reads
+them at about a third of what one core can stream (7 GB/s against 23-27 GB/s on the AVX-512 EPYC of
+docs/benchmarks.md), whether as x @ weight.T or weight @ x.T. oneDNN's inner product from a copy of the weight
+in its blocked layout for that number of rows (`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor
+uses when it freezes weights) reads them 1.3-2.3x faster at 1 to 64 rows, on one thread and on two.
+
+`packed_weights(model, rows)` makes that copy of every eligible layer for the time of a generation, and
+`decode_linear` uses it: the copy costs the layers' weights once more in memory, and about the time of a
+copy of them (0.1-0.3 s for the 166 MB of a 58M model) each time it is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+# Decoding batches up to this many rows take the packed weights (measured faster from 1 to 64 rows).
+MAX_PACKED_ROWS = 64
+# Smaller matrices gain less than their extra dispatch costs.
+MIN_PACKED_WEIGHTS = 65536
+
+
+def _plain(layer: nn.Module) -> bool:
+    """A bias-free `nn.Linear` with no hooks: `layer(x)` is x @ weight.T and nothing else."""
+    return (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
+            and not layer._forward_pre_hooks)
+
+
+def _packable(layer: nn.Module) -> bool:
+    weight = getattr(layer, "weight", None)
+    return (_plain(layer) and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.numel() >= MIN_PACKED_WEIGHTS)
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN's packed-weight inner product (CPU builds with mkldnn do)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable), or None where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def packed_weights(model: nn.Module, rows: int) -> Iterator[bool]:
+    """Within the block, `decode_linear` runs `model`'s float32 CPU linear layers from packed copies of their
+    weights, laid out for products of `rows` rows. Yields whether any weight was packed.
+
+    Nothing is packed (and the usual products run) for more than `MAX_PACKED_ROWS` rows, without oneDNN, or
+    when the copies would take more than half of the memory still available. Layers already packed by an
+    enclosing block keep their copies. A copy serves only the weight it was made from, unchanged: a weight
+    updated in place (an optimizer step) or replaced inside the block makes its layer fall back to the usual
+    product, never to a stale copy.
+    """
+    layers = [m for m in model.modules() if _packable(m) and getattr(m, "_packed_weight", None) is None]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    available = available_memory()
+    if (not layers or not 0 < rows <= MAX_PACKED_ROWS or not onednn_available()
+            or available is None or nbytes > available // 2):
+        yield False
+        return
+    try:
+        with torch.no_grad():
+            for m in layers:
+                weight = m.weight.detach()
+                m._packed_weight = (m.weight, m.weight._version, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+        yield True
+    finally:
+        for m in layers:
+            m._packed_weight = None
+
+
+def _packed_copy(layer: nn.Linear) -> torch.Tensor | None:
+    """The layer's packed weight, if it was packed from the weight the layer holds now, unchanged."""
+    packed = getattr(layer, "_packed_weight", None)
+    if packed is None:
+        return None
+    weight, version, copy = packed
+    return copy if weight is layer.weight and weight._version == version else None
+
+
+def decode_linear(layer: nn.Linear, x: torch.Tensor, *, on_one_thread: bool = False) -> torch.Tensor:
+    """`layer(x)`, computed faster for the few rows of a decoding step on CPU (no gradients).
+
+    Inside `packed_weights`: from the layer's packed weight, up to `MAX_PACKED_ROWS` rows. Otherwise, with
+    several threads, as weight @ x.T: MKL runs x @ weight.T (what `nn.Linear` asks for) with a handful of rows
+    on one thread whatever `torch.get_num_threads()` says, while weight @ x.T is split over the threads (for
+    the 58M model's layers at 8 rows and two threads 1.0-1.8x faster a product). On one thread that order is
+    mixed (0.6x-1.07x by shape), so the usual one stays there, as it does for small matrices (under 65,536
+    weights: the extra transposes cost more than they save); `on_one_thread` takes it there too (the output
+    head: 32,000 x 512 at 8 rows, 7.7 against 11.4 ms; it holds up to 8 rows, from 12 it is slower). The same
+    products, summed in another order. A layer that is not a plain bias-free `nn.Linear` (an adapter) or has
+    hooks is called as usual, as is training.
+    """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or torch.is_grad_enabled() or not _plain(layer):
+        return layer(x)
+    packed = _packed_copy(layer) if rows <= MAX_PACKED_ROWS else None
+    if packed is not None and x.dtype == torch.float32:
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, None, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+    if rows > 8 or layer.weight.numel() < 65536 or (torch.get_num_threads() == 1 and not on_one_thread):
+        return layer(x)
+    out = torch.mm(layer.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,119 @@
+"""Decoding-step products: packed weights (oneDNN's blocked layout) and the weight-first order."""
+
+import pytest
+import torch
+from torch.profiler import profile
+
+import training.llama.linear as linear
+from training.llama.generation import generate
+from training.llama.linear import decode_linear, packed_weights
+from training.llama.model import ModelArgs, Transformer
+
+pytestmark = pytest.mark.skipif(not linear.onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+def _ran_packed(fn) -> tuple[torch.Tensor, bool]:
+    """fn()'s result, and whether oneDNN's packed-weight product computed it."""
+    with profile() as prof:
+        result = fn()
+    return result, any("_linear_pointwise" in event.key for event in prof.key_averages())
+
+
+def big_layer() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(256, 384, bias=False)  # 98,304 weights: enough to be packed
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_packed_product_equals_the_layer_and_is_what_runs(rows):
+    layer, model = big_layer(), torch.nn.Sequential()
+    model.add_module("proj", layer)
+    x = torch.randn(rows, 1, 256)
+    with torch.inference_mode(), packed_weights(model, rows) as packed:
+        assert packed
+        out, ran_packed = _ran_packed(lambda: decode_linear(layer, x))
+    assert ran_packed
+    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+    assert layer._packed_weight is None  # the copy is released with the block
+
+
+def test_a_weight_changed_inside_the_block_is_never_read_from_a_stale_copy():
+    layer = big_layer()
+    x = torch.randn(8, 256)
+    with packed_weights(layer, 8):
+        with torch.no_grad():
+            assert _ran_packed(lambda: decode_linear(layer, x))[1]
+            layer.weight.add_(1.0)  # an optimizer step, in place
+            out, ran_packed = _ran_packed(lambda: decode_linear(layer, x))
+        assert not ran_packed
+        torch.testing.assert_close(out, x @ layer.weight.t(), rtol=1e-5, atol=1e-4)
+        layer.weight = torch.nn.Parameter(torch.randn(384, 256))  # a new weight altogether
+        with torch.no_grad():
+            torch.testing.assert_close(decode_linear(layer, x), x @ layer.weight.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_nothing_is_packed_without_room_for_more_rows_or_for_small_matrices(monkeypatch):
+    layer = big_layer()
+    with packed_weights(layer, linear.MAX_PACKED_ROWS + 1) as packed:
+        assert not packed
+    with packed_weights(torch.nn.Linear(64, 96, bias=False), 8) as packed:
+        assert not packed
+    monkeypatch.setattr(linear, "available_memory", lambda: 2 * layer.weight.numel() * 4 - 1)
+    with packed_weights(layer, 8) as packed:
+        assert not packed  # the copy would take more than half of the memory left
+
+
+def test_an_enclosing_block_keeps_its_copies():
+    layer = big_layer()
+    with packed_weights(layer, 8) as outer:
+        copy = layer._packed_weight
+        with packed_weights(layer, 8) as inner:
+            assert outer
+            assert not inner
+        assert layer._packed_weight is copy
+    assert layer._packed_weight is None
+
+
+def test_generation_with_packed_weights_gives_the_same_tokens(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", dim=256, n_heads=4, n_kv_heads=2, vocab_size=512)).eval()
+    model.init_weights(std=0.1)
+    prompts = [[1, 5, 9, 13], [1, 7], [1, 2, 3, 4, 5, 6, 7]]
+
+    def sample(**kwargs):
+        return generate(model, prompts, max_new_tokens=12, eos_id=None, **kwargs)
+
+    greedy, ran_packed = _ran_packed(lambda: sample(temperature=0.0))
+    assert ran_packed
+    sampled = sample(temperature=0.8, top_p=0.9, seed=3)
+    monkeypatch.setattr(linear, "MAX_PACKED_ROWS", 0)  # nothing packed: MKL's products
+    plain_greedy, ran_packed = _ran_packed(lambda: sample(temperature=0.0))
+    assert not ran_packed
+    assert greedy.tokens == plain_greedy.tokens
+    for ours, plain in zip(greedy.logprobs, plain_greedy.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+    assert sample(temperature=0.8, top_p=0.9, seed=3).tokens == sampled.tokens
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9])
+def test_decode_linear_gives_the_layers_output_and_calls_hooked_layers(rows):
+    layer = big_layer()
+    x = torch.randn(rows, 1, 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # without packed weights, the weight-first order runs with several threads only
+    try:
+        with torch.inference_mode():
+            out = decode_linear(layer, x)
+            torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+            assert out.is_contiguous()
+            weight_first = torch.mm(layer.weight, x.reshape(rows, -1).t()).t()
+            assert torch.equal(out.reshape(rows, -1), weight_first if rows <= 8 else layer(x).reshape(rows, -1))
+            handle = layer.register_forward_hook(lambda module, args, result: result * 2.0)
+            with packed_weights(layer, rows):  # a hooked layer is neither packed nor bypassed
+                torch.testing.assert_close(decode_linear(layer, x), 2.0 * out, rtol=1e-5, atol=1e-5)
+            handle.remove()
+        y = decode_linear(layer, x.requires_grad_())  # training: the module itself, gradients flow
+        y.sum().backward()
+        assert x.grad is not None
+    finally:
+        torch.set_num_threads(threads)
