@@ -23,7 +23,7 @@ from torch import nn
 
 # Decoding batches up to this many rows take the packed weights (measured faster from 1 to 64 rows).
 MAX_PACKED_ROWS = 64
-# Smaller matrices gain less than their extra dispatch costs.
+# Smaller matrices gain less from either faster path than its extra dispatch costs: they run as `layer(x)`.
 MIN_PACKED_WEIGHTS = 65536
 
 
@@ -71,7 +71,7 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[bool]:
     updated in place (an optimizer step) or replaced inside the block makes its layer fall back to the usual
     product, never to a stale copy.
     """
-    layers = [m for m in model.modules() if _packable(m) and getattr(m, "_packed_weight", None) is None]
+    layers = [m for m in model.modules() if _packable(m) and m.__dict__.get("_packed_weight") is None]
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     available = available_memory()
     if (not layers or not 0 < rows <= MAX_PACKED_ROWS or not onednn_available()
@@ -89,15 +89,6 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[bool]:
             m._packed_weight = None
 
 
-def _packed_copy(layer: nn.Linear) -> torch.Tensor | None:
-    """The layer's packed weight, if it was packed from the weight the layer holds now, unchanged."""
-    packed = getattr(layer, "_packed_weight", None)
-    if packed is None:
-        return None
-    weight, version, copy = packed
-    return copy if weight is layer.weight and weight._version == version else None
-
-
 def decode_linear(layer: nn.Linear, x: torch.Tensor, *, on_one_thread: bool = False) -> torch.Tensor:
     """`layer(x)`, computed faster for the few rows of a decoding step on CPU (no gradients).
 
@@ -111,14 +102,17 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor, *, on_one_thread: bool = Fa
     products, summed in another order. A layer that is not a plain bias-free `nn.Linear` (an adapter) or has
     hooks is called as usual, as is training.
     """
-    rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or torch.is_grad_enabled() or not _plain(layer):
+    if (not _plain(layer) or layer.weight.numel() < MIN_PACKED_WEIGHTS or x.device.type != "cpu"
+            or torch.is_grad_enabled()):
         return layer(x)
-    packed = _packed_copy(layer) if rows <= MAX_PACKED_ROWS else None
-    if packed is not None and x.dtype == torch.float32:
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, None, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
-    if rows > 8 or layer.weight.numel() < 65536 or (torch.get_num_threads() == 1 and not on_one_thread):
+    rows = x.numel() // x.shape[-1]
+    packed = layer.__dict__.get("_packed_weight")  # (weight, its version when packed, the packed copy)
+    if packed is not None and rows <= MAX_PACKED_ROWS and x.dtype == torch.float32:
+        weight, version, copy = packed
+        if weight is layer.weight and weight._version == version:  # else the weight changed: never a stale copy
+            out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), copy, None, "none", [], "")
+            return out.view(*x.shape[:-1], out.shape[-1])
+    if rows > 8 or (torch.get_num_threads() == 1 and not on_one_thread):
         return layer(x)
     out = torch.mm(layer.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
     return out.view(*x.shape[:-1], out.shape[-1])
