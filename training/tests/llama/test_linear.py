@@ -37,6 +37,27 @@ def test_packed_product_equals_the_layer_and_is_what_runs(rows):
     assert layer._packed_weight is None  # the copy is released with the block
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 kernels on this CPU")
+def test_bfloat16_weights_are_packed_and_give_the_same_numbers():
+    layer = big_layer().to(torch.bfloat16)
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    with torch.inference_mode(), packed_weights(layer, 8) as packed:
+        assert packed
+        out, ran_packed = _ran_packed(lambda: decode_linear(layer, x))
+        assert ran_packed
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+
+
+def test_under_autocast_the_layer_follows_autocast():
+    layer = big_layer()  # float32 weights, packed as float32
+    x = torch.randn(8, 256)
+    with torch.inference_mode(), packed_weights(layer, 8), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ran_packed = _ran_packed(lambda: decode_linear(layer, x))
+        assert not ran_packed
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+
+
 def test_a_weight_changed_inside_the_block_is_never_read_from_a_stale_copy():
     layer = big_layer()
     x = torch.randn(8, 256)
