@@ -27,7 +27,7 @@ from rewards.data import (
     tokenize_pairs,
 )
 from rewards.losses import STRENGTHS
-from rewards.model import AnyRewardModel, EnsembleRewardModel, RewardModelInfo
+from rewards.model import AnyRewardModel, EnsembleRewardModel, RewardModelInfo, member_scores
 
 STRENGTH_TITLES = {
     "significantly_better": "Significantly Better",
@@ -39,31 +39,41 @@ CALIBRATION_BINS = 5
 
 
 @torch.no_grad()
-def score_pairs(
+def score_pairs_by_member(
     model: AnyRewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (n,) of the chosen and of the rejected conversations, in the order of items."""
+    """Scores (n_members, n) of the chosen and of the rejected conversations, in the order of items: every
+    member's of an ensemble, one row for a single model."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    chosen = torch.empty(len(items))
-    rejected = torch.empty(len(items))
+    n_members = len(model.members) if isinstance(model, EnsembleRewardModel) else 1
+    chosen = torch.empty(n_members, len(items))
+    rejected = torch.empty(n_members, len(items))
     order = sorted(range(len(items)), key=lambda i: items[i].length)  # similar lengths: little padding
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         tokens, lengths, _ = collate_pairs([items[i] for i in idx])
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            scores = model(tokens.to(device), lengths=lengths.to(device)).float().cpu()
-        chosen[idx] = scores[: len(idx)]
-        rejected[idx] = scores[len(idx) :]
+            scores = member_scores(model, tokens.to(device), lengths=lengths.to(device)).float().cpu()
+        chosen[:, idx] = scores[:, : len(idx)]
+        rejected[:, idx] = scores[:, len(idx) :]
     model.train(was_training)
     return chosen, rejected
 
 
+def score_pairs(
+    model: AnyRewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (n,) of the chosen and of the rejected conversations, in the order of items (an ensemble's: the
+    members' mean, as it scores)."""
+    chosen, rejected = score_pairs_by_member(model, items, batch_size=batch_size, device=device)
+    return chosen.mean(dim=0), rejected.mean(dim=0)
+
+
 def member_margins(model: AnyRewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16) -> torch.Tensor:
     """Chosen minus rejected score (n_members, n) of every member of an ensemble (one row for a single model)."""
-    members = model.members if isinstance(model, EnsembleRewardModel) else [model]
-    return torch.stack([torch.sub(*score_pairs(m, items, batch_size=batch_size)) for m in members])
+    return torch.sub(*score_pairs_by_member(model, items, batch_size=batch_size))
 
 
 def _accuracy(correct: torch.Tensor) -> float | None:
@@ -127,12 +137,12 @@ def build_report(chosen: torch.Tensor, rejected: torch.Tensor, items: Sequence[T
 
 def evaluate_items(model: AnyRewardModel, items: Sequence[TokenizedPair], *, batch_size: int = 16) -> dict[str, Any]:
     """Score tokenized pairs and build their report; an ensemble's also gives each member's accuracy and margin."""
-    chosen, rejected = score_pairs(model, items, batch_size=batch_size)
-    report = build_report(chosen, rejected, items)
+    by_member = score_pairs_by_member(model, items, batch_size=batch_size)  # each member runs once
+    report = build_report(*(scores.mean(dim=0) for scores in by_member), items)
     if isinstance(model, EnsembleRewardModel):
         members = [
             {"accuracy": _accuracy(diff > 0), "mean_margin": float(diff.mean()) if diff.numel() else None}
-            for diff in member_margins(model, items, batch_size=batch_size)
+            for diff in torch.sub(*by_member)
         ]
         accuracies = [m["accuracy"] for m in members if m["accuracy"] is not None]
         report["ensemble"] = {

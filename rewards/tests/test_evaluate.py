@@ -51,3 +51,27 @@ def test_markdown_table_has_the_layout_of_table_8():
     header, rule, row = table.splitlines()
     assert header.startswith("| Test set | Significantly Better | Better | Slightly Better | Negligibly Better / Unsure | Avg")
     assert row.startswith("| Meta Helpful | 100.0 (n=1) | - | - | 0.0 (n=1) | 50.0 | 2 |")
+
+
+def test_an_ensemble_is_evaluated_with_one_pass_of_each_member():
+    from rewards.data import collate_pairs
+    from rewards.evaluate import evaluate_items
+    from rewards.model import EnsembleRewardModel, RewardModel
+    from training.llama.model import ModelArgs
+
+    torch.manual_seed(0)
+    args = ModelArgs.preset("tiny", vocab_size=32)
+    ensemble = EnsembleRewardModel([RewardModel.from_args(args) for _ in range(3)])
+    items = [_item("better", chosen_len=3 + i % 4, rejected_len=2 + i % 5) for i in range(10)]
+    calls = [0, 0, 0]
+    for i, member in enumerate(ensemble.members):
+        member.register_forward_hook(lambda module, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
+    report = evaluate_items(ensemble, items, batch_size=4)
+    assert calls == [3, 3, 3]  # 10 pairs in batches of 4: three passes of each member, not six
+    tokens, lengths, _ = collate_pairs(items)  # one batch: chosen then rejected
+    with torch.no_grad():
+        scores = ensemble(tokens, lengths=lengths)  # the ensemble's own scores: its members' mean
+    assert report["mean_margin"] == pytest.approx(float((scores[:10] - scores[10:]).mean()), abs=1e-6)
+    member_margins = [m["mean_margin"] for m in report["ensemble"]["members"]]
+    assert report["mean_margin"] == pytest.approx(sum(member_margins) / 3, abs=1e-6)
+    assert len(set(member_margins)) == 3
