@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,14 @@ def _minutes_already_spent(run_dir: Path) -> float:
     if not state.is_file():
         return 0.0
     return float(torch.load(state, map_location="cpu", weights_only=False).get("elapsed_s", 0.0)) / 60
+
+
+def _as_part(progress: Callable[[TrainProgress], None] | None, part: int,
+             parts: int) -> Callable[[TrainProgress], None] | None:
+    """The progress callback of run `part` of `parts`: its reports say which part they come from."""
+    if progress is None:
+        return None
+    return lambda p: progress(replace(p, part=part, parts=parts))
 
 
 def train_in_turn(
@@ -70,7 +79,7 @@ def train_in_turn(
             minutes = left / to_train if fair_share else left
             if config.resume:
                 minutes += _minutes_already_spent(run_dir)
-        results.append(train_reward_model(run_config(index, minutes), pairs=pairs, progress=progress))
+        results.append(train_reward_model(run_config(index, minutes), pairs=pairs, progress=_as_part(progress, index, count)))
         trained.add(index)
     # Without resume, what an earlier call left in the directories does not count.
     return results, [d for i, d in enumerate(dirs) if (config.resume or i in trained) and is_completed(d)]

@@ -56,10 +56,12 @@ def reward_run_execute(run_id: int) -> RewardModelVersion:
         def on_progress(p: TrainProgress) -> None:
             point = {"step": p.step, "loss": round(p.loss, 5), "accuracy": round(p.accuracy, 4),
                      "validation_accuracy": p.validation_accuracy}  # fmt: skip
+            if p.parts > 1:
+                point["part"] = p.part  # an ensemble member's or soup ingredient's steps count from 1 again
             history.append(point)
             # Every step's point is kept; the row is written every few steps (and read by the dashboard).
             if p.step % 5 == 0 or p.step == p.total_steps:
-                TrainingRun.objects.filter(pk=run_id).update(progress=min(1.0, p.step / p.total_steps), metrics=history)
+                TrainingRun.objects.filter(pk=run_id).update(progress=min(1.0, p.fraction), metrics=history)
                 if TrainingRun.objects.filter(pk=run_id, status=RunStatus.CANCELLED).exists():
                     raise RunCancelled(f"run {run_id} was cancelled at step {p.step}")
 

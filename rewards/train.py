@@ -155,6 +155,14 @@ class TrainProgress:
     elapsed_s: float
     pairs_per_s: float
     validation_accuracy: float | None = None
+    # Runs trained in turn as one (an ensemble's members, a soup's ingredients): which one this is, of how many.
+    part: int = 0
+    parts: int = 1
+
+    @property
+    def fraction(self) -> float:
+        """How much of the whole training is done, 0-1, across the parts: what a progress bar shows."""
+        return (self.part + min(1.0, self.step / max(1, self.total_steps))) / self.parts
 
 
 @dataclass
@@ -733,17 +741,20 @@ def config_from_args(args: argparse.Namespace) -> RewardTrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    bar = None
+    bar, bar_part = None, 0
     is_main = int(os.environ.get("RANK", "0")) == 0
 
     def on_progress(p: TrainProgress) -> None:
-        nonlocal bar
+        nonlocal bar, bar_part
         if args.quiet:
             return
-        if bar is None:
+        if bar is None or p.part != bar_part:  # a bar for each ensemble member or soup ingredient
             from tqdm import tqdm
 
-            bar = tqdm(total=p.total_steps, initial=p.step - 1, unit="step", file=sys.stderr)
+            if bar is not None:
+                bar.close()
+            desc = f"part {p.part + 1}/{p.parts}" if p.parts > 1 else None
+            bar, bar_part = tqdm(total=p.total_steps, initial=p.step - 1, unit="step", desc=desc, file=sys.stderr), p.part
         postfix = {"loss": f"{p.loss:.3f}", "acc": f"{p.accuracy:.2f}", "lr": f"{p.learning_rate:.1e}"}
         if p.validation_accuracy is not None:
             postfix["val"] = f"{p.validation_accuracy:.3f}"

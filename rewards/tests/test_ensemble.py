@@ -184,10 +184,16 @@ def test_cli_trains_and_evaluates_an_ensemble(tmp_path, tiny_checkpoint, stories
         "--kind", "helpfulness", "--data", str(synthetic_file), "--format", "trl", "--init", str(tiny_checkpoint),
         "--tokenizer", str(stories_tokenizer), "--out", str(out), "--no-mix", "--test-fraction", "0.25",
         "--max-seq-len", "64", "--global-batch-size", "8", "--micro-batch-size", "8", "--learning-rate", "3e-3",
-        "--max-steps", "5", "--ensemble", "2", "--threads", "1", "--quiet",
+        "--max-steps", "5", "--ensemble", "2", "--threads", "1",
     ])  # fmt: skip
     assert code == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    # a progress bar for each member, each to its own 5 steps (not one bar running to 10 of 5)
+    assert "part 1/2" in captured.err
+    assert "part 2/2" in captured.err
+    assert "5/5" in captured.err
+    assert "10/5" not in captured.err
     assert summary["steps"] == 10
     assert summary["test_report"]["ensemble"]["size"] == 2
     assert evaluate_main(["--model", str(out), "--data", str(synthetic_file), "--format", "trl", "--split", "test",
@@ -236,3 +242,14 @@ def test_the_tiny_ensemble_recipe_is_sixteen_tiny_models_reading_the_last_user_t
     assert config.learning_rate == pytest.approx(1e-3)
     assert config.soup_size == 1
     assert train_config(config="tiny-ensemble", init=None, ensemble=2).resolved().ensemble == 2  # the CLI overrides it
+
+
+def test_progress_covers_the_whole_ensemble_not_each_member_anew(train_config):
+    seen = []
+    train_reward_model(train_config(ensemble=3, max_steps=4), progress=seen.append)
+    assert [(p.part, p.step) for p in seen] == [(part, step) for part in range(3) for step in range(1, 5)]
+    assert {p.parts for p in seen} == {3}
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions)
+    assert fractions[3] == pytest.approx(1 / 3)  # the first member done: a third of the whole
+    assert fractions[-1] == pytest.approx(1.0)

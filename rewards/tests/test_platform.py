@@ -2,6 +2,7 @@
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db.models import QuerySet
 
 from annotation.models import RewardModelVersion, TrainingRun
 from annotation.services.batches import batch_close
@@ -70,3 +71,26 @@ def test_train_reward_model_command_registers_a_version(closed_batch, shared_dat
 def test_unknown_batch_is_a_clear_error():
     with pytest.raises(CommandError, match="unknown batch"):
         call_command("train_reward_model", kind="safety", batch=["nope"], name="x", config="tiny", tokenizer="t.model")
+
+
+def test_an_ensemble_runs_progress_counts_its_members_once(closed_batch, shared_data, settings, tmp_path, monkeypatch):
+    settings.ARTIFACTS_DIR = tmp_path
+    written = []  # every progress the run's row is given, as the dashboard would read it
+    update = QuerySet.update
+
+    def recording_update(queryset, **fields):
+        if queryset.model is TrainingRun and "progress" in fields:
+            written.append(fields["progress"])
+        return update(queryset, **fields)
+
+    monkeypatch.setattr(QuerySet, "update", recording_update)
+    call_command(
+        "train_reward_model", kind="helpfulness", batch=["rm-week-1"], name="RM-ensemble", config="tiny",
+        tokenizer=str(shared_data / "stories260k/tokenizer.model"), max_steps=5, ensemble=2,
+    )  # fmt: skip
+    run = TrainingRun.objects.get()
+    assert run.status == "succeeded"
+    steps = [m["step"] for m in run.metrics if m["part"] == 0]
+    assert steps == list(range(1, len(steps) + 1))
+    assert [(m["part"], m["step"]) for m in run.metrics] == [(0, s) for s in steps] + [(1, s) for s in steps]
+    assert written[:2] == [0.5, 1.0]  # each member's last step: half, then all of the run (never 1.0, then 0.2)
