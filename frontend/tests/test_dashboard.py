@@ -101,3 +101,13 @@ def test_malformed_metrics_do_not_break_the_dashboard(researcher_client):
     TrainingRun.objects.create(kind="ppo", metrics=[{"step": "a"}, 5, {"step": 1, "reward": 0.3}])
     response = researcher_client.get("/dashboard/")
     assert response.status_code == 200
+
+
+def test_an_ensemble_runs_members_draw_one_after_another():
+    from frontend.views.dashboard import _steps_in_turn
+
+    points = [{"step": s, "loss": 1.0 / s, "part": part} for part in range(3) for s in (1, 2, 3)]
+    assert [p["step"] for p in _steps_in_turn(points)] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert [p["loss"] for p in _steps_in_turn(points)] == [p["loss"] for p in points]
+    plain = [{"step": s, "loss": 0.5} for s in (0, 5, 10)]
+    assert _steps_in_turn(plain) == plain

@@ -145,11 +145,24 @@ def policy_panel() -> dict:
     }
 
 
+def _steps_in_turn(points: list[dict]) -> list[dict]:
+    """The points with their steps counted across the parts trained one after another (an ensemble's members,
+    a soup's ingredients: each part's steps start from 1 again), so that a run draws as one line."""
+    offset, last_part, last_step, out = 0.0, None, 0.0, []
+    for p in points:
+        if p.get("part") != last_part and last_part is not None:
+            offset += last_step
+        last_part, last_step = p.get("part"), float(p["step"])
+        out.append({**p, "step": offset + last_step})
+    return out
+
+
 def run_rows(limit: int = 20) -> list[dict]:
     rows = []
     for run in TrainingRun.objects.select_related("policy_version", "reward_model_version")[:limit]:
         points = [p for p in run.metrics if isinstance(p, dict) and _number(p.get("step")) is not None] if isinstance(
             run.metrics, list) else []  # fmt: skip
+        points = _steps_in_turn(points)
         keys = [k for k in ("loss", "reward", "accuracy", "validation_accuracy", "kl") if any(
             _number(p.get(k)) is not None for p in points)]  # fmt: skip
         loss = [(float(p["step"]), float(p["loss"])) for p in points if _number(p.get("loss")) is not None]
