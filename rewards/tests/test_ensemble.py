@@ -19,14 +19,8 @@ from rewards.model import (
     save_reward_model,
 )
 from rewards.scoring import RewardScorer
+from rewards.tests.test_scoring import DIALOGUES, RESPONSES
 from rewards.train import main, train_reward_model
-
-DIALOGUES = [
-    [{"role": "user", "content": "Tell me a story."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
-    [{"role": "user", "content": "What is a cat?"}],
-]
-RESPONSES = ["Once upon a time there was a little dog.", "Goodbye.", "A small animal that likes to play."]
 
 
 @pytest.fixture
