@@ -10,16 +10,20 @@ products on CPU are oneDNN's already; packed, they give the same numbers about t
 
 `packed_weights(model, rows)` makes that copy of every eligible layer for the time of a generation, and
 `decode_linear` uses it: the copy costs the layers' weights once more in memory, and about the time of a
-copy of them (0.1-0.3 s for the 166 MB of a 58M model) each time it is made.
+copy of them (0.1-0.3 s for the 166 MB of a 58M model) each time it is made. The copies are kept beside the
+model (a weak mapping from each layer), not on it: saving or copying the model is unaffected.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+import torch.nn.modules.module as _module
 from torch import nn
 
 # Decoding batches up to this many rows take the packed weights (measured faster from 1 to 64 rows).
@@ -29,9 +33,11 @@ MIN_PACKED_WEIGHTS = 65536
 
 
 def _plain(layer: nn.Module) -> bool:
-    """A bias-free `nn.Linear` with no hooks: `layer(x)` is x @ weight.T and nothing else."""
+    """A bias-free `nn.Linear` with no hooks, its own or global ones (`register_module_forward_hook`):
+    `layer(x)` is x @ weight.T and nothing else."""
     return (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
-            and not layer._forward_pre_hooks)
+            and not layer._forward_pre_hooks and not _module._global_forward_hooks
+            and not _module._global_forward_pre_hooks)
 
 
 def _packable(layer: nn.Module) -> bool:
@@ -49,19 +55,58 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def _cgroup_memory_left() -> int | None:
+    """Bytes this process's cgroup (a container's memory limit) may still use, or None without a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+        try:
+            limit = (Path("/sys/fs/cgroup") / limit_file).read_text().strip()
+            usage = int((Path("/sys/fs/cgroup") / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's huge number: no limit
+            return max(0, int(limit) - usage)
+    return None
+
+
 def available_memory() -> int | None:
-    """Bytes of memory the system can still give (Linux's MemAvailable), or None where it cannot tell."""
+    """Bytes of memory this process can still get: Linux's MemAvailable, or less under a container's limit;
+    None where it cannot tell."""
+    system = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    system = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if system is None:
+        try:
+            system = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    container = _cgroup_memory_left()
+    return system if container is None else min(system, container)
+
+
+class _Packed:
+    """A layer's packed weight and what it was made from: the weight tensor, its data and its version."""
+
+    __slots__ = ("weight", "data_ptr", "version", "copy")
+
+    def __init__(self, weight: torch.Tensor, copy: torch.Tensor):
+        self.weight, self.data_ptr, self.copy = weight, weight.data_ptr(), copy
+        # inference tensors (weights loaded under inference_mode) have no version counter
+        self.version = None if weight.is_inference() else weight._version
+
+    def serves(self, weight: torch.Tensor) -> bool:
+        """Whether the copy still holds this weight: the same tensor, data and version."""
+        return (weight is self.weight and weight.data_ptr() == self.data_ptr
+                and (self.version is None or weight._version == self.version))
+
+
+_PACKED: weakref.WeakKeyDictionary[nn.Linear, _Packed] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -70,29 +115,34 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[bool]:
     has bf16 kernels) from packed copies of their weights, laid out for products of `rows` rows. Yields
     whether any weight was packed.
 
-    Nothing is packed (and the usual products run) for more than `MAX_PACKED_ROWS` rows, without oneDNN, or
-    when the copies would take more than half of the memory still available. Layers already packed by an
-    enclosing block keep their copies. A copy serves only the weight it was made from, unchanged: a weight
-    updated in place (an optimizer step) or replaced inside the block makes its layer fall back to the usual
-    product, never to a stale copy.
+    For sampling only: the weights must not change inside the block. As a guard, a layer whose weight was
+    replaced or changed in place through autograd-visible ops (which bump its version counter) falls back to
+    the usual product; changes that bypass the counter (writes through `.data`, fused optimizers) are not
+    seen. Nothing is packed (and the usual products run) for more than `MAX_PACKED_ROWS` rows, without
+    oneDNN, when the copies would take more than half of the memory still available, or if oneDNN refuses
+    to pack. Layers already packed by an enclosing block (or another thread's) keep those copies.
     """
     layers = []
     if 0 < rows <= MAX_PACKED_ROWS and onednn_available():
-        layers = [m for m in model.modules() if _packable(m) and m.__dict__.get("_packed_weight") is None]
+        layers = [m for m in model.modules() if _packable(m) and m not in _PACKED]
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     available = available_memory()
-    if not layers or available is None or nbytes > available // 2:
-        yield False
-        return
-    try:
-        with torch.no_grad():
+    packed = False
+    if layers and available is not None and nbytes <= available // 2:
+        try:
+            with torch.no_grad():
+                for m in layers:
+                    _PACKED[m] = _Packed(m.weight, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows))
+            packed = True
+        except RuntimeError:  # a oneDNN build or CPU that cannot pack: the usual products
             for m in layers:
-                weight = m.weight.detach()
-                m._packed_weight = (m.weight, m.weight._version, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
-        yield True
+                _PACKED.pop(m, None)
+    try:
+        yield packed
     finally:
-        for m in layers:
-            m._packed_weight = None
+        if packed:
+            for m in layers:
+                _PACKED.pop(m, None)
 
 
 def decode_linear(layer: nn.Linear, x: torch.Tensor, *, on_one_thread: bool = False) -> torch.Tensor:
@@ -112,14 +162,12 @@ def decode_linear(layer: nn.Linear, x: torch.Tensor, *, on_one_thread: bool = Fa
             or torch.is_grad_enabled()):
         return layer(x)
     rows = x.numel() // x.shape[-1]
-    packed = layer.__dict__.get("_packed_weight")  # (weight, its version when packed, the packed copy)
-    # not under autocast, whose dtype nn.Linear would follow
-    if packed is not None and rows <= MAX_PACKED_ROWS and not torch.is_autocast_enabled("cpu"):
-        weight, version, copy = packed
-        # else the weight changed (never read from a stale copy) or x has another dtype
-        if weight is layer.weight and weight._version == version and x.dtype == weight.dtype:
-            out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), copy, None, "none", [], "")
-            return out.view(*x.shape[:-1], out.shape[-1])
+    packed = _PACKED.get(layer)
+    # not under autocast, whose dtype nn.Linear would follow; not from a copy of another weight or dtype
+    if (packed is not None and rows <= MAX_PACKED_ROWS and not torch.is_autocast_enabled("cpu")
+            and x.dtype == layer.weight.dtype and packed.serves(layer.weight)):
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed.copy, None, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
     if rows > 8 or (torch.get_num_threads() == 1 and not on_one_thread):
         return layer(x)
     out = torch.mm(layer.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()

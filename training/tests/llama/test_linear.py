@@ -34,7 +34,7 @@ def test_packed_product_equals_the_layer_and_is_what_runs(rows):
         out, ran_packed = _ran_packed(lambda: decode_linear(layer, x))
     assert ran_packed
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
-    assert layer._packed_weight is None  # the copy is released with the block
+    assert layer not in linear._PACKED  # the copy is released with the block
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 kernels on this CPU")
@@ -58,19 +58,58 @@ def test_under_autocast_the_layer_follows_autocast():
         torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
 
 
-def test_a_weight_changed_inside_the_block_is_never_read_from_a_stale_copy():
+def test_a_weight_changed_inside_the_block_is_not_read_from_its_stale_copy():
     layer = big_layer()
     x = torch.randn(8, 256)
     with packed_weights(layer, 8):
         with torch.no_grad():
             assert _ran_packed(lambda: decode_linear(layer, x))[1]
-            layer.weight.add_(1.0)  # an optimizer step, in place
+            layer.weight.add_(1.0)  # in place, through an op that bumps the version counter
             out, ran_packed = _ran_packed(lambda: decode_linear(layer, x))
         assert not ran_packed
         torch.testing.assert_close(out, x @ layer.weight.t(), rtol=1e-5, atol=1e-4)
+        layer.weight.data = torch.randn(384, 256)  # new data under the same parameter
+        with torch.no_grad():
+            torch.testing.assert_close(decode_linear(layer, x), x @ layer.weight.t(), rtol=1e-5, atol=1e-4)
         layer.weight = torch.nn.Parameter(torch.randn(384, 256))  # a new weight altogether
         with torch.no_grad():
             torch.testing.assert_close(decode_linear(layer, x), x @ layer.weight.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_weights_made_under_inference_mode_are_packed_too():
+    with torch.inference_mode():  # a serving process may load its model this way: no version counters
+        layer = big_layer()
+        x = torch.randn(8, 256)
+        with packed_weights(layer, 8) as packed:
+            assert packed
+            out, ran_packed = _ran_packed(lambda: decode_linear(layer, x))
+        assert ran_packed
+        torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_can_be_copied_and_saved_inside_the_block(tmp_path):
+    import copy
+
+    layer = big_layer()
+    with packed_weights(layer, 8) as packed:
+        assert packed
+        twin = copy.deepcopy(layer)
+        torch.save(layer, tmp_path / "layer.pt")
+    torch.testing.assert_close(twin.weight, layer.weight)
+
+
+def test_a_failing_pack_leaves_the_usual_products(monkeypatch):
+    layer = big_layer()
+
+    def refuse(weight, rows):
+        raise RuntimeError("no kernel for this CPU")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    with packed_weights(layer, 8) as packed, torch.no_grad():
+        assert not packed
+        assert layer not in linear._PACKED
+        out, ran_packed = _ran_packed(lambda: decode_linear(layer, torch.randn(8, 256)))
+    assert not ran_packed
 
 
 def test_nothing_is_packed_without_room_for_more_rows_or_for_small_matrices(monkeypatch):
@@ -87,12 +126,12 @@ def test_nothing_is_packed_without_room_for_more_rows_or_for_small_matrices(monk
 def test_an_enclosing_block_keeps_its_copies():
     layer = big_layer()
     with packed_weights(layer, 8) as outer:
-        copy = layer._packed_weight
+        copy = linear._PACKED[layer]
         with packed_weights(layer, 8) as inner:
             assert outer
             assert not inner
-        assert layer._packed_weight is copy
-    assert layer._packed_weight is None
+        assert linear._PACKED[layer] is copy
+    assert layer not in linear._PACKED
 
 
 def test_generation_with_packed_weights_gives_the_same_tokens(monkeypatch):
@@ -133,6 +172,12 @@ def test_decode_linear_gives_the_layers_output_and_calls_hooked_layers(rows):
             with packed_weights(layer, rows):  # a hooked layer is neither packed nor bypassed
                 torch.testing.assert_close(decode_linear(layer, x), 2.0 * out, rtol=1e-5, atol=1e-5)
             handle.remove()
+            # nor is any layer while a global module hook is registered
+            handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, result: result * 3.0)
+            try:
+                torch.testing.assert_close(decode_linear(layer, x), 3.0 * out, rtol=1e-5, atol=1e-5)
+            finally:
+                handle.remove()
         y = decode_linear(layer, x.requires_grad_())  # training: the module itself, gradients flow
         y.sum().backward()
         assert x.grad is not None
