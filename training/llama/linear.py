@@ -55,18 +55,51 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _cgroup_memory_left() -> int | None:
-    """Bytes this process's cgroup (a container's memory limit) may still use, or None without a limit."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
-        try:
-            limit = (Path("/sys/fs/cgroup") / limit_file).read_text().strip()
-            usage = int((Path("/sys/fs/cgroup") / usage_file).read_text())
-        except (OSError, ValueError):
+def _room_in(directory: Path, limit_file: str, usage_file: str) -> int | None:
+    """Bytes left under one cgroup's memory limit, or None where it has none (or no such files)."""
+    try:
+        limit = (directory / limit_file).read_text().strip()
+        usage = int((directory / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit() or int(limit) >= 2**60:  # "max" (v2), or v1's huge number: no limit
+        return None
+    stat: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            stat[key] = int(value)
+    # the page cache the kernel can drop does not count as used (v1's usage is hierarchical: total_ counts)
+    reclaimable = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+    return max(0, int(limit) - max(0, usage - reclaimable))
+
+
+def _cgroup_memory_left(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                        root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process may still use under the memory limits of its cgroup and the ones above it (a
+    container's, a systemd unit's, a batch job's): the least room under any of them; None without a limit."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    left = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            base, files = root, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):  # v1's memory controller
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
             continue
-        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's huge number: no limit
-            return max(0, int(limit) - usage)
-    return None
+        directory = base / path.strip("/")
+        while True:  # the cgroup, then its ancestors (inside a container, its own root is all it sees)
+            room = _room_in(directory, *files)
+            if room is not None:
+                left = room if left is None else min(left, room)
+            if directory == base or base not in directory.parents:
+                break
+            directory = directory.parent
+    return left
 
 
 def available_memory() -> int | None:
@@ -93,10 +126,12 @@ def available_memory() -> int | None:
 class _Packed:
     """A layer's packed weight and what it was made from: the weight tensor, its data and its version."""
 
-    __slots__ = ("weight", "data_ptr", "version", "copy")
+    __slots__ = ("weight", "storage", "data_ptr", "version", "copy")
 
     def __init__(self, weight: torch.Tensor, copy: torch.Tensor):
         self.weight, self.data_ptr, self.copy = weight, weight.data_ptr(), copy
+        # held so that replaced data cannot free its memory and new data land at the same address
+        self.storage = weight.untyped_storage()
         # inference tensors (weights loaded under inference_mode) have no version counter
         self.version = None if weight.is_inference() else weight._version
 
@@ -116,9 +151,10 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[bool]:
     whether any weight was packed.
 
     For sampling only: the weights must not change inside the block. As a guard, a layer whose weight was
-    replaced or changed in place through autograd-visible ops (which bump its version counter) falls back to
-    the usual product; changes that bypass the counter (writes through `.data`, fused optimizers) are not
-    seen. Nothing is packed (and the usual products run) for more than `MAX_PACKED_ROWS` rows, without
+    replaced (the parameter, or its `.data`) or changed in place through ops that bump its version counter
+    falls back to the usual product; changes that bypass the counter (writes through `.data`, fused
+    optimizers) are not seen, nor are in-place changes to weights made under `inference_mode` (they have no
+    version counter). Nothing is packed (and the usual products run) for more than `MAX_PACKED_ROWS` rows, without
     oneDNN, when the copies would take more than half of the memory still available, or if oneDNN refuses
     to pack. Layers already packed by an enclosing block (or another thread's) keep those copies.
     """
@@ -127,22 +163,23 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[bool]:
         layers = [m for m in model.modules() if _packable(m) and m not in _PACKED]
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     available = available_memory()
-    packed = False
-    if layers and available is not None and nbytes <= available // 2:
+    if not layers or available is None or nbytes > available // 2:
+        yield False
+        return
+    try:  # whatever happens (an interrupt while packing too), the copies go with the block
         try:
             with torch.no_grad():
                 for m in layers:
                     _PACKED[m] = _Packed(m.weight, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows))
-            packed = True
         except RuntimeError:  # a oneDNN build or CPU that cannot pack: the usual products
             for m in layers:
                 _PACKED.pop(m, None)
-    try:
-        yield packed
+            yield False
+            return
+        yield True
     finally:
-        if packed:
-            for m in layers:
-                _PACKED.pop(m, None)
+        for m in layers:
+            _PACKED.pop(m, None)
 
 
 def decode_linear(layer: nn.Linear, x: torch.Tensor, *, on_one_thread: bool = False) -> torch.Tensor:

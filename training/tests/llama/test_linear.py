@@ -183,3 +183,48 @@ def test_decode_linear_gives_the_layers_output_and_calls_hooked_layers(rows):
         assert x.grad is not None
     finally:
         torch.set_num_threads(threads)
+
+
+def test_an_interrupt_while_packing_leaves_no_copy_behind(monkeypatch):
+    model = torch.nn.Sequential(big_layer(), big_layer())
+    pack = torch.ops.mkldnn._reorder_linear_weight
+    calls = []
+
+    def interrupted(weight, rows):
+        calls.append(rows)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return pack(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", interrupted)
+    with pytest.raises(KeyboardInterrupt), packed_weights(model, 8):
+        pass
+    assert len(calls) == 2
+    assert not any(layer in linear._PACKED for layer in model)
+
+
+def test_the_memory_left_under_a_containers_cgroup_limits(tmp_path):
+    """cgroup v1 and v2 trees as the kernel shows them: the least room under the cgroup or its ancestors,
+    the reclaimable page cache not counted as used."""
+    v2 = tmp_path / "v2"
+    job = v2 / "batch.slice" / "job-7"
+    job.mkdir(parents=True)
+    (v2 / "batch.slice" / "memory.max").write_text("8000\n")
+    (v2 / "batch.slice" / "memory.current").write_text("5000\n")
+    (v2 / "batch.slice" / "memory.stat").write_text("anon 3000\ninactive_file 1000\n")
+    (job / "memory.max").write_text("max\n")
+    (job / "memory.current").write_text("4000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/batch.slice/job-7\n")
+    assert linear._cgroup_memory_left(proc, v2) == 8000 - (5000 - 1000)
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text("10000\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.usage_in_bytes").write_text("7000\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.stat").write_text("inactive_file 50\ntotal_inactive_file 500\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # the root: no limit
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("123456\n")
+    proc.write_text("5:devices:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    assert linear._cgroup_memory_left(proc, v1) == 10000 - (7000 - 500)
+    proc.write_text("4:memory:/\n")
+    assert linear._cgroup_memory_left(proc, v1) is None  # no limit anywhere
