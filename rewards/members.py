@@ -41,10 +41,12 @@ def _minutes_already_spent(run_dir: Path) -> float:
 
 def _as_part(progress: Callable[[TrainProgress], None] | None, part: int,
              parts: int) -> Callable[[TrainProgress], None] | None:
-    """The progress callback of run `part` of `parts`: its reports say which part they come from."""
+    """The progress callback of run `part` of `parts`: its reports say which part they come from. A run that
+    is itself trained in turn (an ensemble member that is a soup) already numbers its own parts: each of them
+    becomes a part of this whole."""
     if progress is None:
         return None
-    return lambda p: progress(replace(p, part=part, parts=parts))
+    return lambda p: progress(replace(p, part=part * p.parts + p.part, parts=parts * p.parts))
 
 
 def train_in_turn(

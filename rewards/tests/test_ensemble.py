@@ -247,3 +247,13 @@ def test_progress_covers_the_whole_ensemble_not_each_member_anew(train_config):
     assert fractions == sorted(fractions)
     assert fractions[3] == pytest.approx(1 / 3)  # the first member done: a third of the whole
     assert fractions[-1] == pytest.approx(1.0)
+
+
+def test_progress_of_an_ensemble_of_soups_counts_every_ingredient_once(train_config):
+    seen = []
+    train_reward_model(train_config(ensemble=2, soup_size=2, max_steps=3), progress=seen.append)
+    assert [(p.part, p.step) for p in seen] == [(part, step) for part in range(4) for step in range(1, 4)]
+    assert {p.parts for p in seen} == {4}
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0)
