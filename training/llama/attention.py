@@ -12,6 +12,8 @@ rows under `compile_blocks` (a block-diagonal mask), float32 runs, V100s and T4s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,12 @@ def shares_kv_heads_in_kernel(device_type: str, dtype: torch.dtype, *, masked: b
             and capability is not None and capability >= (8, 0))
 
 
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    """A CUDA device's compute capability, asked once (not in every layer's call, nor in a compiled graph)."""
+    return torch.cuda.get_device_capability(index)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
               is_causal: bool = False) -> torch.Tensor:
     """SDPA of q (bsz, n_heads, seqlen, head_dim) over k, v (bsz, n_kv_heads, kv_len, head_dim).
@@ -38,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
     """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
-        capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        capability = _capability(q.device.index) if q.device.type == "cuda" else None
         if not shares_kv_heads_in_kernel(q.device.type, q.dtype, masked=attn_mask is not None,
                                          head_dim=q.shape[-1], capability=capability):
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)

@@ -60,15 +60,16 @@ def test_each_path_gives_attention_over_repeated_heads_and_calls_sdpa_as_decided
     assert spy.calls == ([(8, 2, True)] if kernel_shares else [(8, 8, False)])
 
 
-def test_the_model_attends_through_the_decision(monkeypatch):
-    monkeypatch.setattr(attention_module, "shares_kv_heads_in_kernel", lambda *args, **kwargs: False)
+@pytest.mark.parametrize("kernel_shares", [True, False])
+def test_the_model_attends_through_the_decision(monkeypatch, kernel_shares):
+    monkeypatch.setattr(attention_module, "shares_kv_heads_in_kernel", lambda *args, **kwargs: kernel_shares)
     spy = _SDPASpy()
     monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
     args = ModelArgs.preset("tiny", n_heads=4, n_kv_heads=2)
     layer = Attention(args)
     h = torch.randn(2, 6, args.dim)
     layer(h, precompute_freqs_cis(args.head_dim, 6), None)
-    assert spy.calls == [(4, 4, False)]
+    assert spy.calls == ([(4, 2, True)] if kernel_shares else [(4, 4, False)])
 
 
 def test_heads_are_not_repeated_without_grouping(monkeypatch):
