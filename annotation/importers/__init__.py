@@ -11,7 +11,7 @@ from annotation.services.errors import InvalidInput
 from annotation.services.imports import ComparisonRecord, check_record
 
 from . import hh_rlhf, native, oasst, pandalm
-from .common import ImportFormatError, Skipped
+from .common import ImportFormatError, Progress, Skipped
 
 PARSERS: dict[str, Callable[..., list[ComparisonRecord]]] = {
     "hh-rlhf": hh_rlhf.parse,
@@ -22,13 +22,16 @@ PARSERS: dict[str, Callable[..., list[ComparisonRecord]]] = {
 
 
 def parse_file(
-    fmt: str, path: Path, *, domain: str, skip_invalid: bool = False
+    fmt: str, path: Path, *, domain: str, skip_invalid: bool = False, progress: Progress | None = None
 ) -> tuple[list[ComparisonRecord], Skipped]:
-    """Parse a whole file; a bad record raises ImportFormatError, or is listed in `Skipped` with skip_invalid."""
+    """Parse a whole file; a bad record raises ImportFormatError, or is listed in `Skipped` with skip_invalid.
+
+    `progress`, if given, is told now and then how many bytes of the file (as stored) have been read.
+    """
     if fmt not in PARSERS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(PARSERS)}")
     skipped = Skipped()
-    parsed = PARSERS[fmt](Path(path), domain=domain, skip_invalid=skip_invalid, skipped=skipped)
+    parsed = PARSERS[fmt](Path(path), domain=domain, skip_invalid=skip_invalid, skipped=skipped, progress=progress)
     records = []
     for record in parsed:  # the checks the store makes, here, so that bad records can be skipped
         try:

@@ -1,7 +1,9 @@
 import gzip
+import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 from annotation.services.errors import InvalidInput
 
@@ -14,18 +16,31 @@ class ImportFormatError(InvalidInput):
         self.where = where
 
 
-def open_text(path: Path):
+# Tell `progress` how far the reading has come every this many lines (and at the end).
+PROGRESS_EVERY = 256
+
+# A callback told how many of the file's bytes (as stored: compressed for .gz) have been read so far.
+Progress = Callable[[int], None]
+
+
+def open_text(path: Path, raw: BinaryIO | None = None) -> TextIO:
+    """The file as text, gunzipped when its name ends in .gz. Read through `raw`, its binary file opened by
+    the caller, when given: `raw.tell()` then says how far the reading has come."""
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+        return gzip.open(raw if raw is not None else path, "rt", encoding="utf-8")
+    return io.TextIOWrapper(raw, encoding="utf-8") if raw is not None else path.open(encoding="utf-8")
 
 
-def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_objects(path: Path, progress: Progress | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a line that is not a JSON object is an error."""
-    with open_text(path) as f:
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such file")
+    with path.open("rb") as raw, open_text(path, raw) as f:
         for lineno, line in enumerate(f, start=1):
+            if progress is not None and lineno % PROGRESS_EVERY == 0:
+                progress(raw.tell())
             if not line.strip():
                 continue
             try:
@@ -35,6 +50,8 @@ def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise ImportFormatError(f"line {lineno}", "(json)", "expected a JSON object")
             yield lineno, obj
+        if progress is not None:
+            progress(raw.tell())
 
 
 def require_str(obj: dict, key: str, where: str) -> str:

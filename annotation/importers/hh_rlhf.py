@@ -8,7 +8,7 @@ from pathlib import Path
 
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord
 
-from .common import ImportFormatError, Skipped, jsonl_objects, require_str, risk_for
+from .common import ImportFormatError, Progress, Skipped, jsonl_objects, require_str, risk_for
 
 POLICY = "hh-rlhf:anthropic"
 ANNOTATOR = "hh-rlhf:crowdworker"
@@ -35,11 +35,12 @@ def _a_is_chosen(context: tuple, chosen: str, rejected: str) -> bool:
 
 
 def parse(
-    path: Path, *, domain: str, skip_invalid: bool = False, skipped: Skipped | None = None
+    path: Path, *, domain: str, skip_invalid: bool = False, skipped: Skipped | None = None,
+    progress: Progress | None = None,
 ) -> list[ComparisonRecord]:
     records = []
     skipped = Skipped() if skipped is None else skipped
-    for lineno, obj in jsonl_objects(path):
+    for lineno, obj in jsonl_objects(path, progress):
         where = f"line {lineno}"
         try:
             records.append(_record(obj, where, domain))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord
 
-from .common import ImportFormatError, Skipped, jsonl_objects, require_str
+from .common import ImportFormatError, Progress, Skipped, jsonl_objects, require_str
 
 
 def _response(obj: dict, key: str, where: str) -> ResponseRecord:
@@ -20,12 +20,13 @@ def _response(obj: dict, key: str, where: str) -> ResponseRecord:
 
 
 def parse(
-    path: Path, *, domain: str | None = None, skip_invalid: bool = False, skipped: Skipped | None = None
+    path: Path, *, domain: str | None = None, skip_invalid: bool = False, skipped: Skipped | None = None,
+    progress: Progress | None = None,
 ) -> list[ComparisonRecord]:
     """Rows of one task (same task_id) become one record; `domain` overrides the rows' own if given."""
     tasks: dict[object, dict] = {}
     skipped = Skipped() if skipped is None else skipped
-    for lineno, obj in jsonl_objects(path):
+    for lineno, obj in jsonl_objects(path, progress):
         try:
             _add_row(tasks, lineno, obj, domain)
         except ImportFormatError as e:

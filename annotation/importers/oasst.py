@@ -8,7 +8,7 @@ from pathlib import Path
 
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord
 
-from .common import ImportFormatError, Skipped, jsonl_objects, risk_for
+from .common import ImportFormatError, Progress, Skipped, jsonl_objects, risk_for
 
 ANNOTATOR = "oasst:rankers"
 ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -23,11 +23,12 @@ def _policy(message: dict) -> str:
 
 
 def parse(
-    path: Path, *, domain: str, skip_invalid: bool = False, skipped: Skipped | None = None
+    path: Path, *, domain: str, skip_invalid: bool = False, skipped: Skipped | None = None,
+    progress: Progress | None = None,
 ) -> list[ComparisonRecord]:
     records: list[ComparisonRecord] = []
     skipped = Skipped() if skipped is None else skipped
-    for lineno, tree in jsonl_objects(path):
+    for lineno, tree in jsonl_objects(path, progress):
         where = f"line {lineno}"
         try:
             records.extend(_tree_records(tree, where, domain, flip_start=len(records)))

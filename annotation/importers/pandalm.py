@@ -11,7 +11,7 @@ from pathlib import Path
 
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord
 
-from .common import ImportFormatError, Skipped, open_text, require_str, risk_for
+from .common import ImportFormatError, Progress, Skipped, open_text, require_str, risk_for
 
 LABELS = {1: "a", 2: "b", 0: None}
 
@@ -29,14 +29,17 @@ def consensus_strength(sides: list[str | None], majority: str) -> str:
 
 
 def parse(
-    path: Path, *, domain: str, skip_invalid: bool = False, skipped: Skipped | None = None
+    path: Path, *, domain: str, skip_invalid: bool = False, skipped: Skipped | None = None,
+    progress: Progress | None = None,
 ) -> list[ComparisonRecord]:
     skipped = Skipped() if skipped is None else skipped
     with open_text(path) as f:
         try:
-            items = json.load(f)
+            items = json.load(f)  # one JSON array: read whole, so the bar moves once
         except json.JSONDecodeError as e:
             raise ImportFormatError(f"line {e.lineno}", "(json)", f"not valid JSON: {e.msg}") from None
+    if progress is not None:
+        progress(path.stat().st_size)
     if not isinstance(items, list):
         raise ImportFormatError("top level", "(json)", "expected a JSON array of items")
     records = []

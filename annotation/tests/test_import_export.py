@@ -29,6 +29,22 @@ def test_hh_rlhf_file_parses_with_turns_and_a_hidden_side(shared_data):
     assert all(r.risk_category == "uncategorized" for r in records)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [("hh-rlhf", "hh-rlhf-harmless/pairs.jsonl.gz"), ("oasst", "oasst-trees/en_100_tree.jsonl"),
+     ("pandalm", "pandalm/testset-v1.json")],
+)
+def test_parsing_reports_how_much_of_the_file_is_read(shared_data, fmt, name):
+    """What the import command's bar shows: bytes of the file as stored (compressed for .gz), up to its size."""
+    path = shared_data / name
+    seen = []
+    parse_file(fmt, path, domain="helpfulness", skip_invalid=True, progress=seen.append)
+    assert seen[-1] == path.stat().st_size
+    assert seen == sorted(seen)
+    if fmt == "hh-rlhf":  # 1,800 lines: a report every 256 lines, then the end
+        assert len(seen) == 1800 // 256 + 1
+
+
 def test_hh_rlhf_strict_import_names_line_and_field(shared_data):
     with pytest.raises(ImportFormatError, match=r"line 65, field 'chosen'"):
         parse_file("hh-rlhf", shared_data / "hh-rlhf-harmless/pairs.jsonl.gz", domain="safety")

@@ -26,7 +26,11 @@ class Command(BaseCommand):
 
     def handle(self, *args, path: Path, format: str, domain: str, batch: str, overlap: int, **options):
         try:
-            records, skipped = parse_file(format, path, domain=domain, skip_invalid=options["skip_invalid"])
+            # A bar of the file's bytes while it is read and checked (on a terminal only, as below).
+            size = path.stat().st_size if path.is_file() else None
+            with tqdm(total=size, unit="B", unit_scale=True, desc="reading", disable=None) as bar:
+                records, skipped = parse_file(format, path, domain=domain, skip_invalid=options["skip_invalid"],
+                                              progress=lambda done: bar.update(done - bar.n))
         except AnnotationError as e:
             raise CommandError(
                 f"{path}: {e.message} (nothing was imported; --skip-invalid leaves such records out)"
@@ -39,7 +43,7 @@ class Command(BaseCommand):
         batch_obj, created = Batch.objects.get_or_create(name=batch, defaults={"overlap": overlap})
         try:
             # A bar on a terminal (tqdm leaves it out when stderr is not one).
-            with tqdm(total=len(records), unit=" comparisons", disable=None) as bar:
+            with tqdm(total=len(records), unit=" comparisons", desc="storing", disable=None) as bar:
                 stored = comparisons_store(
                     batch=batch_obj, records=records, create_external_policies=True, progress=bar.update
                 )
