@@ -1,11 +1,15 @@
 """Inter-annotator agreement: pairwise percent agreement and Krippendorff's alpha. Plain Python."""
 
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from itertools import permutations
 
+# The values of each unit, or a mapping from a unit's values to how many units have them (as a database can
+# count them, without sending every unit).
+Units = Iterable[Sequence[Hashable]] | Mapping[tuple, int]
 
-def percent_agreement(units: Iterable[Sequence[Hashable]]) -> float | None:
+
+def percent_agreement(units: Units) -> float | None:
     """Share of annotator pairs within the same unit that gave the same value; None without pairs."""
     agree = pairs = 0
     for values, n_units in _distinct_units(units).items():
@@ -15,14 +19,19 @@ def percent_agreement(units: Iterable[Sequence[Hashable]]) -> float | None:
     return agree / pairs if pairs else None
 
 
-def _distinct_units(units: Iterable[Sequence[Hashable]]) -> dict[tuple, int]:
+def _distinct_units(units: Units) -> dict[tuple, int]:
     """Distinct units (as multisets of values) and how often each occurs: a batch of 100,000 tasks has only a
     few dozen distinct ones. Values need only be hashable."""
-    counts = Counter(frozenset(Counter(values).items()) for values in units)
+    counts: Counter = Counter()
+    if isinstance(units, Mapping):
+        for values, times in units.items():
+            counts[frozenset(Counter(values).items())] += times
+    else:
+        counts.update(frozenset(Counter(values).items()) for values in units)
     return {tuple(v for v, n in unit for _ in range(n)): times for unit, times in counts.items()}
 
 
-def krippendorff_alpha(units: Iterable[Sequence], *, level: str = "nominal") -> float | None:
+def krippendorff_alpha(units: Units, *, level: str = "nominal") -> float | None:
     """Krippendorff's alpha over units of values (units with fewer than two values are not pairable).
 
     `level` is "nominal" (any difference counts 1) or "ordinal" (values are ordered; the distance

@@ -39,6 +39,10 @@ def main() -> None:
     subprocess.run([sys.executable, "manage.py", "collectstatic", "--no-input", "-v0"], cwd=ROOT, env=env, check=True)
     populate(args.annotations)
     from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")  # the planner's statistics, as autovacuum keeps them after a bulk load
     from django.test import Client
 
     from annotation.models import AnnotatorProfile, Batch, Role

@@ -107,3 +107,51 @@ def test_dashboard_stats_of_a_closed_batch_come_from_the_cache_and_of_an_open_on
                                            expires_at=now, finished_at=now)  # fmt: skip
     Annotation.objects.create(task=task, annotator=user, assignment=assignment, choice="b", strength="better")
     assert batch_stats_cached(batch)["annotations"] == 2
+
+
+def test_batch_agreement_counted_by_the_database_equals_the_definition():
+    """The database counts tasks by their make-up; the result is alpha and percent agreement of the units."""
+    from collections import defaultdict
+
+    from annotation.agreement import krippendorff_alpha, percent_agreement
+    from annotation.scales import signed_preference
+    from annotation.selectors import batch_agreement
+    from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord, comparisons_store
+
+    from .factories import PolicyFactory
+
+    batch = BatchFactory(name="agreement", overlap=3)
+    PolicyFactory(name="SFT")
+    votes = [  # each task's votes: (choice, strength), "" where an imported vote has no strength
+        [("a", "better"), ("a", "better"), ("b", "slightly_better")],
+        [("a", "significantly_better"), ("a", "better")],
+        [("b", "negligibly_better"), ("a", "negligibly_better"), ("b", "")],
+        [("b", ""), ("b", "")],
+        [("a", "slightly_better"), ("a", "better"), ("a", "better")],
+        [("a", "better"), ("a", "better"), ("b", "slightly_better")],  # the make-up of the first task again
+        [("a", "better")],  # one vote: no pair, left out
+    ]
+    records = [
+        ComparisonRecord(
+            turns=(("user", f"Question {i}?"),),
+            response_a=ResponseRecord(f"Answer A {i}.", "SFT"), response_b=ResponseRecord(f"Answer B {i}.", "SFT"),
+            domain="helpfulness",
+            votes=tuple(VoteRecord(f"ext:rater{j}", c, s) for j, (c, s) in enumerate(task)),
+        )
+        for i, task in enumerate(votes)
+    ]  # fmt: skip
+    comparisons_store(batch=batch, records=records, create_external_policies=True)
+    result = batch_agreement(batch)
+
+    choices, signed = defaultdict(list), defaultdict(list)
+    for task_id, choice, strength in Annotation.objects.filter(
+        task__batch=batch, task__annotation_count__gte=2
+    ).values_list("task_id", "choice", "strength"):
+        choices[task_id].append(choice)
+        if strength:
+            signed[task_id].append(signed_preference(choice, strength))
+    assert result["tasks_with_overlap"] == 6
+    assert result["percent_agreement"] == pytest.approx(percent_agreement(choices.values()))
+    assert result["alpha_choice"] == pytest.approx(krippendorff_alpha(choices.values(), level="nominal"))
+    assert result["alpha_strength_ordinal"] == pytest.approx(krippendorff_alpha(signed.values(), level="ordinal"))
+    assert result["alpha_strength_ordinal"] is not None
