@@ -34,3 +34,12 @@ def test_table_27_margins_and_signed_scale():
     assert [MARGINS["large"][s] for s in Strength] == [3, 2, 1, 0]
     assert signed_preference("a", "significantly_better") == 4
     assert signed_preference("b", "negligibly_better") == -1
+
+
+def test_units_may_be_given_as_counts_of_their_values():
+    units = [["a", "a", "b"], ["b", "a", "a"], ["a", "a"], ["b", "b", "a"]]
+    counts = {("a", "a", "b"): 1, ("a", "b", "a"): 1, ("a", "a"): 1, ("a", "b", "b"): 1}  # one order or another
+    assert percent_agreement(counts) == pytest.approx(percent_agreement(units))
+    assert krippendorff_alpha(counts) == pytest.approx(krippendorff_alpha(units))
+    assert krippendorff_alpha({(1, 2, 2): 3, (4, 4): 2}, level="ordinal") == pytest.approx(
+        krippendorff_alpha([[1, 2, 2]] * 3 + [[4, 4]] * 2, level="ordinal"))
