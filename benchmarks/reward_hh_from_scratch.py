@@ -24,11 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
+from rewards.configs import CONFIG_NAMES  # noqa: E402 (torch-free)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny", choices=("tiny", "tiny-ensemble", "small"))
+    parser.add_argument("--config", default="tiny", choices=CONFIG_NAMES)
     parser.add_argument("--max-minutes", type=float, default=12.0)
     parser.add_argument("--dim", type=int, default=None, help="another model width (as reward_hh_validation.py)")
     parser.add_argument("--soup-size", type=int, default=None, help="average this many runs (rewards.soup)")

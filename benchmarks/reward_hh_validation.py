@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
+from rewards.configs import CONFIG_NAMES  # noqa: E402 (torch-free)
 
 
 def register_variant(base_name: str, *, dim: int | None, max_seq_len: int | None) -> str:
@@ -63,7 +64,7 @@ def focus_context(pair, context: str):  # type: ignore[no-untyped-def]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny", choices=("tiny", "tiny-ensemble", "small"))
+    parser.add_argument("--config", default="tiny", choices=CONFIG_NAMES)
     parser.add_argument("--dim", type=int, default=None, help="another model width (heads: dim // 16)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="another window (model and recipe)")
     parser.add_argument("--soup-size", type=int, default=None)

@@ -18,12 +18,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
+from rewards.configs import CONFIG_NAMES  # noqa: E402 (torch-free)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", type=Path, default=None, help="a Llama checkpoint to start from (default: --config)")
-    parser.add_argument("--config", default="small", choices=("tiny", "small"))
+    parser.add_argument("--config", default="small", choices=CONFIG_NAMES)
     parser.add_argument("--tokenizer", type=Path, default=DATA / "llama2-tokenizer" / "tokenizer.model")
     parser.add_argument("--max-minutes", type=float, default=5.0)
     parser.add_argument("--margin", default="small", choices=("none", "small", "large"))

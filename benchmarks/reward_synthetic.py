@@ -16,11 +16,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
+from rewards.configs import CONFIG_NAMES  # noqa: E402 (torch-free)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny", choices=("tiny", "small"))
+    parser.add_argument("--config", default="tiny", choices=CONFIG_NAMES)
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)

@@ -1,16 +1,18 @@
-"""The project's named from-scratch reward-model configs ("tiny", "tiny-ensemble", "small"), sized for a laptop CPU.
+"""The project's named from-scratch reward-model configs (`CONFIG_NAMES`), sized for a laptop CPU.
 
 Each gives the Llama shape (the vocabulary comes from the tokenizer) and the training recipe that goes with
 it. A model trained from scratch on a few thousand pairs needs another recipe than the report's (one epoch at
-1e-5 from a chat model): a higher rate, a few epochs, and strong regularisation.
+1e-5 from a chat model): a higher rate, a few epochs, and strong regularisation. Importing this module does
+not import torch, so command-line parsers anywhere can offer the names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from training.llama.model import ModelArgs
+if TYPE_CHECKING:
+    from training.llama.model import ModelArgs
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class FromScratchConfig:
     training: dict[str, Any]
 
     def model_args(self, vocab_size: int) -> ModelArgs:
+        from training.llama.model import ModelArgs
+
         return ModelArgs(vocab_size=vocab_size, **self.model)
 
 
@@ -78,6 +82,8 @@ FROM_SCRATCH_CONFIGS: dict[str, FromScratchConfig] = {
         ),
     ),
 }
+
+CONFIG_NAMES: tuple[str, ...] = tuple(FROM_SCRATCH_CONFIGS)
 
 
 def from_scratch_config(name: str) -> FromScratchConfig:

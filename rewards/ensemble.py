@@ -54,7 +54,6 @@ def train_reward_ensemble(
     from its checkpoint when the ensemble is trained again), and no member starts once the budget is spent. A
     finished member is not trained again.
     """
-
     assert config.ensemble is not None
     start = time.monotonic()
     results, finished_runs = train_in_turn(

@@ -57,7 +57,6 @@ def train_reward_soup(
     Under a time budget each ingredient may use all that is left; one that the budget stops is left out of the
     average, and no ingredient starts once the budget is spent.
     """
-
     assert config.soup_size is not None
     start = time.monotonic()
     results, finished_runs = train_in_turn(

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from rewards.configs import from_scratch_config
+from rewards.configs import CONFIG_NAMES, from_scratch_config
 from rewards.data import (
     FORMATS,
     PreferencePair,
@@ -702,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=FORMATS)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--init", help="chat/policy checkpoint directory (Meta or Hugging Face format)")
-    source.add_argument("--config", choices=("tiny", "tiny-ensemble", "small"), help="train a named config from scratch")
+    source.add_argument("--config", choices=CONFIG_NAMES, help="train a named config from scratch")
     parser.add_argument("--tokenizer", help="tokenizer.model (required with --config)")
     parser.add_argument("--out", required=True, help="output directory (model/, train_state.pt, eval_report.json)")
     parser.add_argument("--max-minutes", type=float, default=None)

@@ -234,12 +234,14 @@ def test_collate_puts_chosen_and_rejected_in_one_padded_batch():
     assert margins.tolist() == [1.0, 0.0]
 
 
-def test_the_plain_records_do_not_import_torch():
-    """The platform's selector builds PreferencePair in processes that must not load torch."""
+def test_the_plain_records_and_config_names_do_not_import_torch():
+    """The platform's selector builds PreferencePair, and command-line parsers offer the config names, in
+    processes that must not load torch."""
     import subprocess
     import sys
 
-    code = "import sys, rewards.data; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, rewards.data, rewards.configs; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert rewards.configs.CONFIG_NAMES == ('tiny', 'tiny-ensemble', 'small')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
 

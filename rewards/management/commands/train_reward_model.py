@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from rewards.configs import CONFIG_NAMES
 from rewards.runs import reward_run_create
 
 
@@ -12,7 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("--name", required=True, help="name of the new RewardModelVersion")
         init = parser.add_mutually_exclusive_group(required=True)
         init.add_argument("--init", help="a chat/policy checkpoint directory (Meta or Hugging Face format)")
-        init.add_argument("--config", choices=["tiny", "tiny-ensemble", "small"], help="a from-scratch config")
+        init.add_argument("--config", choices=CONFIG_NAMES, help="a from-scratch config")
         parser.add_argument("--tokenizer", help="tokenizer.model (required with --config)")
         parser.add_argument("--max-minutes", type=float)
         parser.add_argument("--max-steps", type=int)
