@@ -1,9 +1,8 @@
 import gzip
-import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TextIO
 
 from annotation.services.errors import InvalidInput
 
@@ -23,24 +22,27 @@ PROGRESS_EVERY = 256
 Progress = Callable[[int], None]
 
 
-def open_text(path: Path, raw: BinaryIO | None = None) -> TextIO:
-    """The file as text, gunzipped when its name ends in .gz. Read through `raw`, its binary file opened by
-    the caller, when given: `raw.tell()` then says how far the reading has come."""
+def open_text(path: Path) -> TextIO:
+    """The file as text, gunzipped when its name ends in .gz."""
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
     if path.suffix == ".gz":
-        return gzip.open(raw if raw is not None else path, "rt", encoding="utf-8")
-    return io.TextIOWrapper(raw, encoding="utf-8") if raw is not None else path.open(encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def _bytes_read(f: TextIO) -> int:
+    """How far into the file as stored a text stream of `open_text` has read (the compressed file's position
+    for .gz: a GzipFile reads from its `fileobj`)."""
+    return getattr(f.buffer, "fileobj", f.buffer).tell()
 
 
 def jsonl_objects(path: Path, progress: Progress | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a line that is not a JSON object is an error."""
-    if not path.is_file():
-        raise InvalidInput(f"{path}: no such file")
-    with path.open("rb") as raw, open_text(path, raw) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if progress is not None and lineno % PROGRESS_EVERY == 0:
-                progress(raw.tell())
+                progress(_bytes_read(f))
             if not line.strip():
                 continue
             try:
@@ -51,7 +53,7 @@ def jsonl_objects(path: Path, progress: Progress | None = None) -> Iterator[tupl
                 raise ImportFormatError(f"line {lineno}", "(json)", "expected a JSON object")
             yield lineno, obj
         if progress is not None:
-            progress(raw.tell())
+            progress(_bytes_read(f))
 
 
 def require_str(obj: dict, key: str, where: str) -> str:
