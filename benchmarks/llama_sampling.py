@@ -1,8 +1,9 @@
 """Batched sampling throughput and peak memory: training.llama `generate` vs transformers `generate()`.
 
-    .venv/bin/python benchmarks/llama_sampling.py [--threads 2] [--rounds 3]
+    .venv/bin/python benchmarks/llama_sampling.py [--threads 2] [--rounds 3] [--prompts 8] [--dtype float32|bfloat16]
 
-Same weights (ours saved in Hugging Face format and loaded by both), same float32, same threads. 8 prompts of
+Same weights (ours saved in Hugging Face format and loaded by both), same dtype (float32 unless --dtype), same
+threads. 8 prompts of
 ragged lengths (left-padded with an attention mask on the transformers side), 128 new tokens each, nucleus
 sampling (temperature 0.6, top-p 0.9, no top-k). EOS is disabled on both sides (ours: eos_id=None; theirs:
 eos_token_id=None) and the generated tokens are counted exactly, so both produce 8 x 128 tokens. Ours also
@@ -62,7 +63,7 @@ def child(opts: argparse.Namespace) -> None:
         from training.llama.checkpoint import load_checkpoint
         from training.llama.generation import generate
 
-        model, args = load_checkpoint(opts.checkpoint)
+        model, args = load_checkpoint(opts.checkpoint, dtype=getattr(torch, opts.dtype))
         model.eval()
         batch = prompts(opts.prompts, opts.min_prompt, opts.max_prompt, args.vocab_size)
 
@@ -73,7 +74,8 @@ def child(opts: argparse.Namespace) -> None:
     else:
         from transformers import GenerationConfig, LlamaForCausalLM
 
-        model = LlamaForCausalLM.from_pretrained(opts.checkpoint, attn_implementation="sdpa").eval()
+        model = LlamaForCausalLM.from_pretrained(opts.checkpoint, attn_implementation="sdpa",
+                                                 dtype=getattr(torch, opts.dtype)).eval()
         batch = prompts(opts.prompts, opts.min_prompt, opts.max_prompt, model.config.vocab_size)
         width = max(len(p) for p in batch)
         input_ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the weights' dtype on both sides (the same float32 checkpoint, cast on loading)")
     parser.add_argument("--from-checkpoint", default=None,
                         help="benchmark a trained checkpoint (either format) instead of a random model")
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -172,7 +176,7 @@ def main() -> None:
         "config": {**{k: v for k, v in vars(opts).items() if k not in ("impl", "checkpoint")
                       and not (opts.from_checkpoint and k in ("dim", "layers", "heads", "kv_heads", "vocab"))},
                    **({"model": args.to_params_json()} if opts.from_checkpoint else {}),
-                   "params": n_params, "dtype": "float32", "torch": torch.__version__},
+                   "params": n_params, "dtype": opts.dtype, "torch": torch.__version__},
         "ours": ours,
         "transformers": hf,
         "speedup": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),

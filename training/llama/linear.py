@@ -1,13 +1,13 @@
 """The linear layers of a decoding step on CPU: products of a few rows with large weights.
 
 A decoding step multiplies a handful of rows (one a sequence) by every weight matrix of the model, so it is
-bound by how fast those weights stream from memory. MKL's float32 product, what `nn.Linear` calls, reads
-them at about a third of what one core can stream (7 GB/s against 23-27 GB/s on the AVX-512 EPYC of
-docs/benchmarks.md), whether as x @ weight.T or weight @ x.T. oneDNN's inner product from a copy of the weight
-in its blocked layout for that number of rows (`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor
-uses when it freezes weights) reads them 1.3-2.3x faster at 5 to 64 rows, on one thread and on two (at a
-single row 0.93-1.4x by shape; a one-prompt generation of the 58M model 1.05x, the copy included). bfloat16
-products on CPU are oneDNN's already; packed, they give the same numbers about twice as fast.
+bound by how fast those weights stream from memory, and MKL's float32 product, what `nn.Linear` calls, reads
+them slowly with a few rows (5-8 GB/s at 8 rows on the AVX-512 EPYC of docs/benchmarks.md), whether as
+x @ weight.T or weight @ x.T. oneDNN's inner product from a copy of the weight in its blocked layout for that
+number of rows (`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor uses when it freezes weights)
+reads them faster there: 1.4-1.6x at 8 rows and 1.0-2.7x from 3 to 64 rows on one thread, 1.1-2.4x at 8 rows
+on two (`benchmarks/llama_decode_products.py`). bfloat16 products on CPU are oneDNN's already; packed, they
+give the same numbers faster.
 
 `packed_weights(model, rows)` makes that copy of every eligible layer for the time of a generation, and
 `decode_linear` uses it: the copy costs the layers' weights once more in memory, and about the time of a
@@ -27,7 +27,9 @@ import torch
 import torch.nn.modules.module as _module
 from torch import nn
 
-# Decoding batches up to this many rows take the packed weights (measured faster up to 64 rows).
+# Decoding batches of this many rows take the packed weights: measured faster from 3 to 64 rows on AVX-512
+# (`benchmarks/llama_decode_products.py`); at 1-2 rows MKL's products are as fast or faster for some shapes.
+MIN_PACKED_ROWS = 3
 MAX_PACKED_ROWS = 64
 # Smaller matrices gain less from either faster path than its extra dispatch costs: they run as `layer(x)`.
 MIN_PACKED_WEIGHTS = 65536
@@ -45,9 +47,15 @@ def _packable(layer: nn.Module) -> bool:
     if not _plain(layer) or layer.weight.device.type != "cpu" or layer.weight.numel() < MIN_PACKED_WEIGHTS:
         return False
     # bfloat16 where oneDNN has bf16 kernels for this CPU (AVX-512): its products are oneDNN's already, and
-    # packed they give the same numbers twice as fast
+    # packed they give the same numbers faster
     return layer.weight.dtype == torch.float32 or (
         layer.weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def packing_pays() -> bool:
+    """Whether this CPU is one where packed products were measured faster: AVX-512. Held to AVX2 the gain was
+    1.0-1.2x at 8 rows, and sometimes below MKL, too little for the weights' memory twice."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and onednn_available()
 
 
 def onednn_available() -> bool:
@@ -155,12 +163,12 @@ def packed_weights(model: nn.Module, rows: int) -> Iterator[bool]:
     replaced (the parameter, or its `.data`) or changed in place through ops that bump its version counter
     falls back to the usual product; changes that bypass the counter (writes through `.data`, fused
     optimizers) are not seen, nor are in-place changes to weights made under `inference_mode` (they have no
-    version counter). Nothing is packed (and the usual products run) for more than `MAX_PACKED_ROWS` rows, without
-    oneDNN, when the copies would take more than half of the memory still available, or if oneDNN refuses
-    to pack. Layers already packed by an enclosing block (or another thread's) keep those copies.
+    version counter). Nothing is packed (and the usual products run) for fewer than `MIN_PACKED_ROWS` or more
+    than `MAX_PACKED_ROWS` rows, on a CPU without AVX-512 or a build without oneDNN, when the copies would take
+    more than half of the memory still available, or if oneDNN refuses to pack. Layers already packed by an enclosing block (or another thread's) keep those copies.
     """
     layers = []
-    if 0 < rows <= MAX_PACKED_ROWS and onednn_available():
+    if MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS and packing_pays():
         layers = [m for m in model.modules() if _packable(m) and m not in _PACKED]
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     available = available_memory()
