@@ -5,7 +5,7 @@ bound by how fast those weights stream from memory, and MKL's float32 product, w
 them slowly with a few rows (5-8 GB/s at 8 rows on the AVX-512 EPYC of docs/benchmarks.md), whether as
 x @ weight.T or weight @ x.T. oneDNN's inner product from a copy of the weight in its blocked layout for that
 number of rows (`torch.ops.mkldnn._reorder_linear_weight`, the layout inductor uses when it freezes weights)
-reads them faster there: 1.4-1.6x at 8 rows and 1.0-2.7x from 3 to 64 rows on one thread, 1.1-2.4x at 8 rows
+reads them faster there: 1.4-1.6x at 8 rows and 0.8-2.7x by shape from 3 to 64 rows on one thread, 1.1-2.4x at 8 rows
 on two (`benchmarks/llama_decode_products.py`). bfloat16 products on CPU are oneDNN's already; packed, they
 give the same numbers faster.
 
