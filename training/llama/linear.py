@@ -11,7 +11,7 @@ give the same numbers faster.
 
 `packed_weights(model, rows)` makes that copy of every eligible layer for the time of a generation, and
 `decode_linear` uses it: the copy costs the layers' weights once more in memory, and about the time of a
-copy of them (0.1-0.3 s for the 166 MB of a 58M model) each time it is made. The copies are kept beside the
+copy of them (166 MB for the 58M model) each time it is made. The copies are kept beside the
 model (a weak mapping from each layer), not on it: saving or copying the model is unaffected.
 """
 
