@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from rewards.margins import STRENGTHS, strength_margin
+
 if TYPE_CHECKING:
     import torch
 
-# The annotators' four preference strengths, strongest first (the column order of Table 8).
-STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 ROLES = ("user", "assistant")
 DOMAINS = ("helpfulness", "safety")
 SAFETY_LABELS = ("chosen_safe_other_unsafe", "both_safe", "both_unsafe")
@@ -492,8 +492,6 @@ def tokenize_pairs(
     context_turns: int | None = None,
 ) -> list[TokenizedPair]:
     """Render every pair's two conversations; the margin comes from the pair's strength (or its own margin)."""
-    from rewards.losses import strength_margin
-
     out = []
     for p in pairs:
         margin = p.margin if p.margin is not None and margin_scheme != "none" else strength_margin(p.strength, margin_scheme)

@@ -16,14 +16,11 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rewards.data import PreferencePair
-from rewards.members import combined_result, train_in_turn
+from rewards.members import TrainRun, combined_result, train_in_turn
 from rewards.model import read_reward_model_info, save_reward_ensemble
-
-if TYPE_CHECKING:
-    from rewards.train import RewardTrainConfig, RewardTrainResult, TrainProgress
+from rewards.trainer import RewardTrainConfig, RewardTrainResult, TrainProgress
 
 MEMBERS_RUN_DIR = "members"
 
@@ -46,6 +43,7 @@ def train_reward_ensemble(
     *,
     pairs: Sequence[PreferencePair] | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    train_member: TrainRun,
 ) -> RewardTrainResult:
     """Train config.ensemble members one after another, save them as one ensemble in out_dir/model, test it.
 
@@ -58,7 +56,7 @@ def train_reward_ensemble(
     start = time.monotonic()
     results, finished_runs = train_in_turn(
         config, config.ensemble, lambda i, minutes: member_config(config, i, max_minutes=minutes),
-        fair_share=True, pairs=pairs, progress=progress,
+        train=train_member, fair_share=True, pairs=pairs, progress=progress,
     )
     if not finished_runs:
         raise ValueError("no member of the ensemble finished within the time budget; give more --max-minutes")

@@ -12,31 +12,33 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
+from typing import Protocol
 
 from rewards.data import PreferencePair
+from rewards.evaluate import evaluate_reward_model
 from rewards.model import read_reward_model_info
+from rewards.trainer import (
+    REPORT_FILE,
+    TRAIN_STATE_FILE,
+    RewardTrainConfig,
+    RewardTrainResult,
+    TrainProgress,
+    load_pairs,
+)
+from training.engine import read_elapsed_minutes
 
-if TYPE_CHECKING:
-    from rewards.train import RewardTrainConfig, RewardTrainResult, TrainProgress
+
+class TrainRun(Protocol):
+    """How a part is trained: rewards.train.train_reward_model (a part may itself be a soup)."""
+
+    def __call__(self, config: RewardTrainConfig, *, pairs: Sequence[PreferencePair] | None = ...,
+                 progress: Callable[[TrainProgress], None] | None = ...) -> RewardTrainResult: ...
 
 
 def is_completed(run_dir: str | Path) -> bool:
     """Whether a training output directory holds a model whose run completed."""
     model_dir = Path(run_dir) / "model"
     return model_dir.is_dir() and read_reward_model_info(model_dir).metadata.get("stopped") == "completed"
-
-
-def _minutes_already_spent(run_dir: Path) -> float:
-    """The training time of a stopped run that will resume (its budget counts it: see train_reward_model)."""
-    from rewards.train import TRAIN_STATE_FILE
-
-    state = run_dir / TRAIN_STATE_FILE
-    if not state.is_file():
-        return 0.0
-    return float(torch.load(state, map_location="cpu", weights_only=False).get("elapsed_s", 0.0)) / 60
 
 
 def _as_part(progress: Callable[[TrainProgress], None] | None, part: int,
@@ -54,6 +56,7 @@ def train_in_turn(
     count: int,
     run_config: Callable[[int, float | None], RewardTrainConfig],
     *,
+    train: TrainRun,
     fair_share: bool,
     pairs: Sequence[PreferencePair] | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
@@ -64,8 +67,6 @@ def train_in_turn(
     still to train (fair_share True); no run starts once the budget is spent. Returns the results of the runs
     trained now and the output directories of all completed runs, in order.
     """
-    from rewards.train import train_reward_model
-
     start = time.monotonic()
     dirs = [Path(run_config(i, None).out_dir) for i in range(count)]
     results, trained = [], set()
@@ -80,8 +81,8 @@ def train_in_turn(
             to_train = sum(1 for d in dirs[index:] if not (config.resume and is_completed(d)))
             minutes = left / to_train if fair_share else left
             if config.resume:
-                minutes += _minutes_already_spent(run_dir)
-        results.append(train_reward_model(run_config(index, minutes), pairs=pairs, progress=_as_part(progress, index, count)))
+                minutes += read_elapsed_minutes(run_dir / TRAIN_STATE_FILE)  # its budget counts it
+        results.append(train(run_config(index, minutes), pairs=pairs, progress=_as_part(progress, index, count)))
         trained.add(index)
     # Without resume, what an earlier call left in the directories does not count.
     return results, [d for i, d in enumerate(dirs) if (config.resume or i in trained) and is_completed(d)]
@@ -95,9 +96,6 @@ def combined_result(
 
     Their steps summed, their histories tagged with `label`: index; the test report also written to out_dir.
     """
-    from rewards.evaluate import evaluate_reward_model
-    from rewards.train import REPORT_FILE, RewardTrainResult, load_pairs
-
     _, _, test = load_pairs(config, pairs)
     test_report = evaluate_reward_model(Path(config.out_dir) / "model", test) if test else None
     if test_report is not None:

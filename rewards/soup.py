@@ -12,16 +12,13 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from rewards.data import PreferencePair
-from rewards.members import combined_result, train_in_turn
+from rewards.members import TrainRun, combined_result, train_in_turn
 from rewards.model import RewardModel, load_single_reward_model, read_reward_model_info, save_reward_model
-
-if TYPE_CHECKING:
-    from rewards.train import RewardTrainConfig, RewardTrainResult, TrainProgress
+from rewards.trainer import RewardTrainConfig, RewardTrainResult, TrainProgress
 
 INGREDIENTS_DIR = "ingredients"
 
@@ -50,6 +47,7 @@ def train_reward_soup(
     *,
     pairs: Sequence[PreferencePair] | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    train_ingredient: TrainRun,
 ) -> RewardTrainResult:
     """Train config.soup_size ingredients one after another, save their average in out_dir/model, test it.
 
@@ -61,7 +59,7 @@ def train_reward_soup(
     start = time.monotonic()
     results, finished_runs = train_in_turn(
         config, config.soup_size, lambda i, minutes: ingredient_config(config, i, max_minutes=minutes),
-        fair_share=False, pairs=pairs, progress=progress,
+        train=train_ingredient, fair_share=False, pairs=pairs, progress=progress,
     )
     finished = [d / "model" for d in finished_runs]
     if not finished:

@@ -34,8 +34,9 @@ def test_web_apps_do_not_import_training_code(app):
     assert not offenders, offenders
 
 
-def test_llama_package_imports_nothing_of_the_project():
-    for path in (ROOT / "training" / "llama").rglob("*.py"):
+def test_llama_package_and_engine_import_nothing_of_the_project():
+    """The ground floor: training.llama and the training engine import no Django, rewards or policy trainer."""
+    for path in [*(ROOT / "training" / "llama").rglob("*.py"), ROOT / "training" / "engine.py"]:
         for name in imported_modules(path):
             top = name.split(".")[0]
             assert top not in ("django", "annotation", "rewards", "config", "frontend"), (
@@ -59,3 +60,55 @@ def test_serving_the_web_app_loads_no_torch():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+PROJECT_PACKAGES = ("annotation", "frontend", "config", "rewards", "training")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its code (function-level imports included)."""
+    modules = {
+        _module_name(path): path
+        for package in PROJECT_PACKAGES for path in (ROOT / package).rglob("*.py")
+        if "migrations" not in path.parts and "tests" not in path.parts
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                candidates = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            else:
+                continue
+            for candidate in candidates:
+                if candidate in modules and candidate != name:
+                    targets.add(candidate)
+                    break
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycles_between_project_modules():
+    """No module imports, at any depth and at any place in its code, a module that imports it back."""
+    graph = project_import_graph()
+    cycles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert not cycles, sorted(set(cycles))[:10]

@@ -1,0 +1,357 @@
+"""The training engine every trainer shares: the reward-model trainer, SFT, rejection sampling, PPO, distillation.
+
+What lives here is what does not depend on the loss: `torchrun` set-up (`Distributed`), AdamW with the report's
+settings and a warm-up + cosine or constant schedule (`OptimizerSettings`), gradient accumulation over
+micro-batches and clipping, an atomic checkpoint of model, optimizer, scheduler, RNG and the trainer's own state
+with exact resume, the wall-clock budget (`Engine`). A trainer is then its own data and loss, read top to bottom:
+
+    engine = Engine(model, settings, total_steps=..., dist=dist, state_path=out / "train_state.pt")
+    extra = engine.resume(signature={...})          # None on a fresh start
+    while engine.step < engine.total_steps:
+        for i, micro in enumerate(micro_batches):
+            with engine.accumulating(last=i == len(micro_batches) - 1):
+                engine.backward(loss_of(engine.module, micro))
+        engine.optimizer_step()
+        if engine.decide(engine.out_of_time() and "max_minutes"): ...
+
+The ground floor beside `training.llama`: nothing of Django, `rewards` or the policy trainers is imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+SCHEDULES = ("cosine", "constant")
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a `torchrun` job (world_size 1 without one) and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def _comm_device(self) -> str | torch.device:
+        return self.device if self.device.type == "cuda" else "cpu"
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        """The element-wise sum of `values` over all processes (float64)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's `value` on every process."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], device=self._comm_device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_distributed(device_name: str | None = None) -> Distributed:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU); pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device_name is None:
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=rank, world_size=world_size, device=device)
+
+
+def split_for_rank(global_batch: Sequence[int], dist_: Distributed) -> list[int]:
+    """This process's contiguous share of a global batch of indices (its length must divide evenly)."""
+    if len(global_batch) % dist_.world_size:
+        raise ValueError(f"a global batch of {len(global_batch)} does not divide over {dist_.world_size} processes")
+    local = len(global_batch) // dist_.world_size
+    return list(global_batch[dist_.rank * local:(dist_.rank + 1) * local])
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and its schedule. The defaults are the report's (section 3.2.2, A.2.2): betas (0.9, 0.95),
+    eps 1e-5, weight decay 0.1, clipping 1.0, cosine to 10% of the peak after a 3% warm-up (at least 5 steps).
+    PPO uses the `constant` schedule."""
+
+    learning_rate: float
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-5
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    min_warmup_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @classmethod
+    def of(cls, config: Any) -> OptimizerSettings:
+        """The settings of a trainer config that carries these fields under the same names (None: the default)."""
+        values = {}
+        for name in cls.__dataclass_fields__:
+            value = getattr(config, name, None)
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+
+def cosine_schedule(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float, min_warmup_steps: int) -> int:
+    """3% of the steps, at least min_warmup_steps (but never more than the run)."""
+    return max(1, min(total_steps, max(min_warmup_steps, math.ceil(warmup_ratio * total_steps))))
+
+
+def build_optimizer(model: nn.Module, settings: OptimizerSettings) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: weight decay on matrices and embeddings, none on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_eps,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimizerSettings,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The settings' schedule over total_steps optimizer steps."""
+    if settings.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    warmup = warmup_steps_for(total_steps, settings.warmup_ratio, settings.min_warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_schedule(s, total_steps=total_steps, warmup_steps=warmup,
+                                             min_lr_ratio=settings.min_lr_ratio),
+    )
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a trainer may draw from: Python's, NumPy's, torch's (and CUDA's)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every process: identical initial weights, which DDP also enforces by broadcast."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Write to a temporary file beside the target and rename it: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+
+class Engine:
+    """One model's optimisation under a step plan: optimizer, schedule, accumulation, clipping, DDP, budget,
+    checkpoint and exact resume.
+
+    `module` is what the trainer calls forward on (the DDP wrapper under torchrun); `model` the bare module
+    whose state is saved. Gradients of one optimizer step are accumulated over the micro-batches inside
+    `accumulating`, which lets DDP synchronise only on the last. A loss handed to `backward` should already be
+    scaled so that the sum over this process's micro-batches, averaged over processes by DDP, is the global
+    batch's mean (`scale_for_global`).
+    """
+
+    def __init__(self, model: nn.Module, settings: OptimizerSettings, *, total_steps: int, dist: Distributed,
+                 state_path: str | os.PathLike[str] | None = None, max_minutes: float | None = None,
+                 started_at: float | None = None):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        self.model = model
+        self.settings = settings
+        self.total_steps = total_steps
+        self.dist = dist
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.max_minutes = max_minutes
+        self.optimizer = build_optimizer(model, settings)
+        self.scheduler = build_scheduler(self.optimizer, settings, total_steps)
+        self.step = 0
+        self._elapsed_before = 0.0
+        self._start = time.monotonic() if started_at is None else started_at  # the budget's clock
+        self.module: nn.Module = model
+        if dist.world_size > 1:
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.module = DistributedDataParallel(model, device_ids=device_ids)
+
+    # -- time
+
+    def elapsed(self) -> float:
+        """Seconds of training, counting those of earlier runs this one resumed."""
+        return self._elapsed_before + time.monotonic() - self._start
+
+    def out_of_time(self) -> bool:
+        """Whether the wall-clock budget is spent (rank 0's clock; pass it through `decide`)."""
+        return self.max_minutes is not None and self.dist.is_main and self.elapsed() >= 60 * self.max_minutes
+
+    def decide(self, reason: str | None, reasons: Sequence[str]) -> str | None:
+        """Rank 0's stop reason (None or one of `reasons`) on every process: all leave the loop at the same step."""
+        code = 0 if not reason else 1 + list(reasons).index(reason)
+        code = self.dist.broadcast_int(code)
+        return None if code == 0 else reasons[code - 1]
+
+    # -- one optimizer step
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    @contextlib.contextmanager
+    def accumulating(self, *, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward: DDP all-reduces the gradients only on the last one."""
+        if self.dist.world_size == 1 or last:
+            yield
+        else:
+            with self.module.no_sync():  # type: ignore[operator]
+                yield
+
+    def scale_for_global(self, loss_sum: torch.Tensor, global_count: float) -> torch.Tensor:
+        """A micro-batch's summed loss as its share of the global batch's mean, under DDP's averaging."""
+        return loss_sum * self.dist.world_size / global_count
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> float:
+        """Clip, step the optimizer and the schedule, clear the gradients; returns the gradient norm before clipping."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(grad_norm)
+
+    # -- checkpoints
+
+    def save(self, extra: Mapping[str, Any] | None = None, *, signature: Mapping[str, Any] | None = None) -> None:
+        """Atomically write model, optimizer, scheduler, RNG, step, elapsed time and the trainer's `extra` entries
+        beside them (rank 0 only)."""
+        if self.state_path is None or not self.dist.is_main:
+            return
+        extra = dict(extra or {})
+        clash = sorted(set(extra) & set(_ENGINE_KEYS))
+        if clash:
+            raise ValueError(f"checkpoint entries {clash} are the engine's own")
+        atomic_torch_save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "step": self.step,
+            "total_steps": self.total_steps, "elapsed_s": self.elapsed(), "signature": dict(signature or {}),
+            **extra,
+        }, self.state_path)
+
+    def has_checkpoint(self) -> bool:
+        return self.state_path is not None and self.state_path.is_file()
+
+    def resume(self, signature: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """Load the checkpoint at state_path if there is one (on every process) and return the trainer's entries.
+
+        `signature` describes the run (data size, plan); a checkpoint written by a different run is a
+        ValueError rather than a silent mix of two runs.
+        """
+        if not self.has_checkpoint():
+            return None
+        assert self.state_path is not None
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        expected = {"total_steps": self.total_steps, **(signature or {})}
+        found = {"total_steps": state.get("total_steps"), **state.get("signature", {})}
+        if any(found.get(k) != v for k, v in expected.items()):
+            raise ValueError(
+                f"{self.state_path} belongs to a different run ({found}; now {expected}): use another output "
+                "directory or remove it"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self._elapsed_before = float(state["elapsed_s"])
+        return {k: v for k, v in state.items() if k not in _ENGINE_KEYS}
+
+
+_ENGINE_KEYS = ("model", "optimizer", "scheduler", "rng", "step", "total_steps", "elapsed_s", "signature")
+
+
+def read_elapsed_minutes(state_path: str | os.PathLike[str]) -> float:
+    """The training time stored in a checkpoint (0 when there is none): what a resumed run has already spent."""
+    path = Path(state_path)
+    if not path.is_file():
+        return 0.0
+    return float(torch.load(path, map_location="cpu", weights_only=False).get("elapsed_s", 0.0)) / 60
