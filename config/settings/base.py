@@ -16,8 +16,9 @@ environ.Env.read_env(BASE_DIR / ".env", overwrite=False) if (BASE_DIR / ".env").
 VAR_DIR = Path(env.str("VAR_DIR", default=str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-# Development default only; production settings refuse to start without a real one.
-SECRET_KEY = env.str("SECRET_KEY", default="dev-only-insecure-key-do-not-deploy")
+# Development default only; production settings refuse it (and any key shorter than 50 characters).
+DEVELOPMENT_SECRET_KEY = "dev-only-insecure-key-do-not-deploy"
+SECRET_KEY = env.str("SECRET_KEY", default=DEVELOPMENT_SECRET_KEY)
 DEBUG = env.bool("DEBUG", default=True)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
@@ -33,6 +34,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # swagger-ui's files, served from here rather than a CDN
     "annotation",
     "rewards",
     "training",
@@ -115,6 +117,9 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "annotation.api.errors.exception_handler",
     # `?format=` selects the export format (native, trl, hh-rlhf), not a DRF renderer.
     "URL_FORMAT_OVERRIDE": None,
+    # How many proxies in front of the web tier set X-Forwarded-For; 0: the client is REMOTE_ADDR (a header
+    # sent by the client itself must not choose whose rate limit it counts against).
+    "NUM_PROXIES": env.int("NUM_PROXIES", default=0),
     "DEFAULT_THROTTLE_RATES": {
         "claim": env.str("THROTTLE_CLAIM", default="120/min"),
         "submit": env.str("THROTTLE_SUBMIT", default="120/min"),
@@ -127,6 +132,9 @@ SPECTACULAR_SETTINGS = {
     "human-feedback loop.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {
         "ChoiceEnum": ["a", "b"],
@@ -136,6 +144,15 @@ SPECTACULAR_SETTINGS = {
         "RunKindEnum": "annotation.models.registry.RunKind",
     },
 }
+
+# Log-in (token and session) failures allowed per user name and per client address in a window; past them
+# every attempt is refused until the window ends (annotation.throttling).
+LOGIN_FAILURES_PER_USER = env.int("LOGIN_FAILURES_PER_USER", default=10)
+LOGIN_FAILURES_PER_ADDRESS = env.int("LOGIN_FAILURES_PER_ADDRESS", default=50)
+LOGIN_FAILURE_WINDOW_SECONDS = env.int("LOGIN_FAILURE_WINDOW_SECONDS", default=900)
+
+# Demo users with a known password (`load_demo`): never under the production settings.
+ALLOW_DEMO_DATA = True
 
 # Celery: the embedded default is kombu's filesystem transport (no server) with results in SQLite.
 _celery_fs = VAR_DIR / "celery" / "broker"

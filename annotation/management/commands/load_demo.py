@@ -1,8 +1,9 @@
 import json
 from pathlib import Path
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from annotation.models import AnnotatorProfile, Batch, Guideline, PolicyVersion, Role
@@ -16,14 +17,20 @@ USERS = [
     ("annotator1", Role.ANNOTATOR, True, False),
     ("annotator2", Role.ANNOTATOR, True, True),
 ]
-PASSWORD = "demo-password"  # a laptop demo only; the production settings refuse DEBUG
+PASSWORD = "demo-password"  # a laptop demo only; refused under the production settings (ALLOW_DEMO_DATA)
 
 
 class Command(BaseCommand):
     help = "Load demo users, policies, guidelines and comparisons written for the demo (idempotent)."
 
-    @transaction.atomic
     def handle(self, *args, **options):
+        # Before the database is touched: the demo's admin has a published password.
+        if not settings.ALLOW_DEMO_DATA:
+            raise CommandError("load_demo creates users with a published password; refused under these settings.")
+        self.load()
+
+    @transaction.atomic
+    def load(self):
         data = json.loads(DEMO.read_text())
         user_model = get_user_model()
         for name, role, helpful, safety in USERS:
