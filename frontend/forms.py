@@ -1,7 +1,12 @@
+import math
+
 from django import forms
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm
 
 from annotation.models import RiskCategory
 from annotation.scales import SafetyLabel, Strength
+from annotation.throttling import login_attempt_begin, login_attempt_succeeded
 
 DOMAINS = [("helpfulness", "Helpfulness"), ("safety", "Safety")]
 STRENGTHS = [
@@ -43,3 +48,32 @@ class AdjudicationForm(forms.Form):
 
 class GuidelineForm(forms.Form):
     text = forms.CharField(widget=forms.Textarea(attrs={"rows": 20}), label="Guidelines (Markdown)")
+
+
+class ThrottledLoginMixin:
+    """Log-in forms counted against the failed log-ins of the user name and the client address
+    (annotation.throttling): past the limit the form refuses, the right password included, until the
+    window ends."""
+
+    throttled_message = "Too many failed log-ins for this user name or from this address; try again in %(minutes)s min."
+
+    def clean(self):
+        username, password = self.cleaned_data.get("username"), self.cleaned_data.get("password")
+        if not (username and password):
+            return super().clean()  # nothing to check: the missing field says so
+        attempt = login_attempt_begin(self.request, username)
+        if attempt.refused_for is not None:
+            raise forms.ValidationError(
+                self.throttled_message, code="throttled", params={"minutes": math.ceil(attempt.refused_for / 60)}
+            )
+        cleaned = super().clean()  # raises on a wrong password
+        login_attempt_succeeded(attempt)
+        return cleaned
+
+
+class LoginForm(ThrottledLoginMixin, AuthenticationForm):
+    pass
+
+
+class AdminLoginForm(ThrottledLoginMixin, AdminAuthenticationForm):
+    pass

@@ -1,13 +1,13 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from .views import annotate, dashboard, pages, review
+from .views import annotate, dashboard, login, pages, review
 
 app_name = "frontend"
 
 urlpatterns = [
     path("", pages.home, name="home"),
-    path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html"), name="login"),
+    path("login/", login.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("annotate/", annotate.annotate_page, name="annotate"),
     path("annotate/next/", annotate.annotate_next, name="annotate-next"),

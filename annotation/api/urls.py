@@ -1,5 +1,4 @@
 from django.urls import path
-from rest_framework.authtoken.views import obtain_auth_token
 from rest_framework.routers import DefaultRouter
 
 from . import views
@@ -16,7 +15,7 @@ batch_stats = views.BatchViewSet.as_view({"get": "stats"})
 batch_close = views.BatchViewSet.as_view({"post": "close"})
 
 urlpatterns = [
-    path("auth/token/", obtain_auth_token, name="api-token"),
+    path("auth/token/", views.TokenObtainView.as_view(), name="api-token"),
     path("tasks/next/", views.TaskNextView.as_view(), name="task-next"),
     path("tasks/waiting/", views.WaitingTasksView.as_view(), name="task-waiting"),
     path("tasks/<int:task_id>/submit/", views.TaskSubmitView.as_view(), name="task-submit"),

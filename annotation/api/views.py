@@ -7,8 +7,9 @@ from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.exceptions import Throttled
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from annotation.models import (
@@ -29,13 +30,28 @@ from annotation.services.dialogues import prompt_create, task_attach_responses
 from annotation.services.errors import InvalidInput, NotFound
 from annotation.services.exports import FORMATS, ExportFilters, comparisons_export_lines
 from annotation.services.imports import ComparisonRecord, ResponseRecord, comparisons_store, policies_resolve
+from annotation.throttling import ExactScopedRateThrottle, login_attempt_begin, login_attempt_succeeded
 
 from . import serializers as s
 from .permissions import IsResearcher, ReadAnyWriteResearcher, role_of
 
 
+class TokenObtainView(ObtainAuthToken):
+    """A token for scripts. Failed attempts are limited per user name and per client address; past the limit
+    every attempt is refused (429) until the window ends, the right password included."""
+
+    def post(self, request, *args, **kwargs):
+        username = request.data.get("username") if hasattr(request.data, "get") else None
+        attempt = login_attempt_begin(request, username if isinstance(username, str) else "")
+        if attempt.refused_for is not None:
+            raise Throttled(wait=attempt.refused_for, detail="too many failed log-ins for this user name or address")
+        response = super().post(request, *args, **kwargs)  # a wrong password raises (400)
+        login_attempt_succeeded(attempt)
+        return response
+
+
 class TaskNextView(APIView):
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ExactScopedRateThrottle]
     throttle_scope = "claim"
 
     @extend_schema(
@@ -52,7 +68,7 @@ class TaskNextView(APIView):
 
 
 class TaskSubmitView(APIView):
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ExactScopedRateThrottle]
     throttle_scope = "submit"
 
     @extend_schema(request=s.SubmitInSerializer, responses={200: s.SubmitOutSerializer, 201: s.SubmitOutSerializer})

@@ -13,13 +13,13 @@ from django.http import JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
-from rest_framework.throttling import ScopedRateThrottle
 
 from annotation.models import Annotation, Assignment, ComparisonTask, TaskStatus
 from annotation.scales import SafetyLabel, Strength
 from annotation.selectors import task_context
 from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
 from annotation.services.errors import AnnotationError, InvalidInput
+from annotation.throttling import ExactScopedRateThrottle
 
 from ..access import role_required
 
@@ -90,7 +90,7 @@ def next_payload(user, *, with_remaining: bool = False) -> dict:
 def throttle_message(request, scope: str) -> str | None:
     """None while the API's rate limit `scope` (settings REST_FRAMEWORK DEFAULT_THROTTLE_RATES) allows the
     request, else what to tell the annotator: the page's calls count against the API's limits too."""
-    throttle = ScopedRateThrottle()
+    throttle = ExactScopedRateThrottle()
     if throttle.allow_request(request, SimpleNamespace(throttle_scope=scope)):
         return None
     return f"Too many requests; wait {throttle.wait() or 1:.0f} s and press Enter again."
