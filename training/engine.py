@@ -216,6 +216,50 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
             os.remove(tmp)
 
 
+# -------------------------------------------------------------------------------------------- progress
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """What a policy trainer's progress callback receives after every optimizer step (rank 0 only)."""
+
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    elapsed_s: float
+    items_per_s: float = 0.0  # tokens, samples or pairs a second, as the trainer counts
+    metrics: Mapping[str, float] | None = None
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+class cli_progress_bar:  # noqa: N801  (used like a function: bar = cli_progress_bar("sft"); bar(progress))
+    """A tqdm bar on stderr that a trainer's progress callback drives; `close()` when done."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self._bar: Any = None
+
+    def __call__(self, p: StepProgress) -> None:
+        if self._bar is None:
+            import sys
+
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=p.total_steps, initial=p.step - 1, unit="step", desc=self.desc, file=sys.stderr)
+        postfix = {"loss": f"{p.loss:.3f}", "lr": f"{p.learning_rate:.1e}"}
+        postfix.update({k: f"{v:.3g}" for k, v in (p.metrics or {}).items()})
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 # ------------------------------------------------------------------------------------------------ engine
 
 
