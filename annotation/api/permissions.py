@@ -32,10 +32,11 @@ class IsReviewer(HasRole):
     message = "only reviewers, researchers and admins may do this"
 
 
-class ReadAnyWriteResearcher(BasePermission):
-    """Anyone signed in may read; researchers and admins may write."""
+class ReadReviewerWriteResearcher(BasePermission):
+    """Reviewers, researchers and admins may read; researchers and admins may write. Annotators neither: batch
+    figures and the policies behind a comparison would unblind them (which tasks are gold, who chose what)."""
 
     def has_permission(self, request, view) -> bool:
         if request.method in ("GET", "HEAD", "OPTIONS"):
-            return bool(request.user and request.user.is_authenticated)
-        return role_of(request.user) in (Role.RESEARCHER, Role.ADMIN)
+            return role_of(request.user) in IsReviewer.roles
+        return role_of(request.user) in IsResearcher.roles

@@ -27,5 +27,6 @@ urlpatterns = [
     path("comparisons/import/", views.ImportView.as_view(), name="comparisons-import"),
     path("export/comparisons.jsonl", views.ExportView.as_view(), name="export-comparisons"),
     path("annotators/quality/", views.AnnotatorQualityView.as_view(), name="annotator-quality"),
+    path("annotators/me/", views.MyCountsView.as_view(), name="annotator-me"),
     *router.urls,
 ]

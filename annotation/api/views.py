@@ -1,8 +1,12 @@
 """Thin API views: parse input, call one service or selector, shape the output."""
 
+from datetime import datetime, time
+
 from django.db import transaction
+from django.db.models import Count, Q
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
@@ -14,6 +18,7 @@ from rest_framework.views import APIView
 
 from annotation.models import (
     Annotation,
+    AnnotatorProfile,
     Batch,
     BatchStatus,
     ComparisonTask,
@@ -33,7 +38,7 @@ from annotation.services.imports import ComparisonRecord, ResponseRecord, compar
 from annotation.throttling import ExactScopedRateThrottle, login_attempt_begin, login_attempt_succeeded
 
 from . import serializers as s
-from .permissions import IsResearcher, ReadAnyWriteResearcher, role_of
+from .permissions import IsResearcher, IsReviewer, ReadReviewerWriteResearcher, role_of
 
 
 class TokenObtainView(ObtainAuthToken):
@@ -185,7 +190,7 @@ class PromptViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
 class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet):
     queryset = Batch.objects.order_by("created_at", "id")
     serializer_class = s.BatchSerializer
-    permission_classes = [ReadAnyWriteResearcher]
+    permission_classes = [ReadReviewerWriteResearcher]
     filterset_fields = ["status"]
 
     @extend_schema(responses={200: OpenApiTypes.OBJECT})
@@ -328,7 +333,7 @@ class ExportView(APIView):
 
 
 class AnnotatorQualityView(APIView):
-    permission_classes = [IsResearcher]
+    permission_classes = [IsReviewer]
 
     @extend_schema(parameters=[OpenApiParameter("batch", str)], responses={200: s.AnnotatorQualitySerializer(many=True)})
     def get(self, request):
@@ -336,6 +341,30 @@ class AnnotatorQualityView(APIView):
         if name := request.query_params.get("batch"):
             batch = get_object_or_404(Batch, name=name)
         return Response(annotator_quality(batch=batch))
+
+
+class MyCountsSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    role = serializers.CharField()
+    domains = serializers.ListField(child=serializers.CharField())
+    annotations = serializers.IntegerField()
+    annotations_today = serializers.IntegerField()
+
+
+class MyCountsView(APIView):
+    """Your own role and counts: the figures an annotator may see (nothing of other annotators or gold)."""
+
+    @extend_schema(responses={200: MyCountsSerializer})
+    def get(self, request):
+        profile = AnnotatorProfile.objects.filter(user=request.user).first() or AnnotatorProfile(user=request.user)
+        midnight = timezone.make_aware(datetime.combine(timezone.localdate(), time.min))
+        counts = Annotation.objects.filter(annotator=request.user).aggregate(
+            annotations=Count("id"), annotations_today=Count("id", filter=Q(created_at__gte=midnight))
+        )
+        return Response(MyCountsSerializer(
+            {"username": request.user.get_username(), "role": role_of(request.user), "domains": profile.domains,
+             **counts}
+        ).data)  # fmt: skip
 
 
 class AnnotationFilter(filters.FilterSet):
@@ -358,7 +387,7 @@ class AnnotationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
 class PolicyVersionViewSet(viewsets.ModelViewSet):
     queryset = PolicyVersion.objects.all()
     serializer_class = s.PolicyVersionSerializer
-    permission_classes = [ReadAnyWriteResearcher]
+    permission_classes = [ReadReviewerWriteResearcher]
     filterset_fields = ["kind", "is_current"]
     http_method_names = ["get", "post", "patch", "head", "options"]
 
