@@ -11,8 +11,8 @@ The combined reward (Llama 2, section 3.2.3):
 
 The report's reward models give probabilities (R_s < 0.15 is a probability threshold); ours give the logit of
 that probability, the raw score of the ranking loss. So R_h = sigmoid(score_h) and R_s = sigmoid(score_s), and
-`logit` turns the chosen probability back into a score, clamped to what float32 can tell from 0 and 1. A reward
-function's values are read the same way, as scores.
+`logit` turns the chosen probability back into a score (in float64, clamped at 1e-12 from 0 and 1: scores within
++-27.6 come back as they were). A reward function's values are read the same way, as scores.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from training.prompts import PromptRecord
 
 SAFETY_THRESHOLD = 0.15  # Table/section 3.2.3: precision 0.89, recall 0.55 on the safety test set
-LOGIT_EPS = 1e-6
+LOGIT_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class RewardSource(Protocol):
 
 
 def logit(p: torch.Tensor, eps: float = LOGIT_EPS) -> torch.Tensor:
-    """log(p / (1 - p)), p clamped to [eps, 1 - eps]."""
-    p = p.clamp(eps, 1 - eps)
+    """log(p / (1 - p)) in float64, p clamped to [eps, 1 - eps]."""
+    p = p.double().clamp(eps, 1 - eps)
     return torch.log(p) - torch.log1p(-p)
 
 
@@ -70,12 +70,12 @@ def piecewise_reward(scores: RewardScores, safety_prompts: torch.Tensor, *,
         raise ValueError("no reward scores")
     if s is None:
         assert h is not None
-        return logit(torch.sigmoid(h.float()))
+        return logit(torch.sigmoid(h.double())).float()
     if h is None:
-        return logit(torch.sigmoid(s.float()))
-    p_h, p_s = torch.sigmoid(h.float()), torch.sigmoid(s.float())
+        return logit(torch.sigmoid(s.double())).float()
+    p_h, p_s = torch.sigmoid(h.double()), torch.sigmoid(s.double())
     use_safety = safety_prompts.to(torch.bool) | (p_s < threshold)
-    return logit(torch.where(use_safety, p_s, p_h))
+    return logit(torch.where(use_safety, p_s, p_h)).float()
 
 
 def uncertainty_penalty(scores: RewardScores, safety_prompts: torch.Tensor, coef: float,
