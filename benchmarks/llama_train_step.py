@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory: training.llama vs transformers.LlamaForCausalLM, same weights.
 
     .venv/bin/python benchmarks/llama_train_step.py [--threads 2] [--rounds 3] [--fused-loss] [--malloc-tuned] [--compile]
-        [--data random|hh-sft] [--autocast-bf16]
+        [--data random|hh-sft] [--autocast-bf16] [--engine]
 
 A step is forward + next-token cross-entropy + backward on a batch of packed rows. `--data random` (pretraining):
 random-token documents, each BOS ... EOS, concatenated and cut to seq_len + 1, a target at every position and
@@ -10,6 +10,9 @@ platform's SFT and rejection-sampling fine-tuning): the HH-RLHF dialogues of ../
 answers, in the Llama 2 chat format (Llama 2 tokenizer), packed whole into rows (`training.llama.packing`), each
 dialogue attending only to itself, the loss on the answers only as Llama 2's SFT zeroes it on the prompts.
 Both models get the same tokens and `position_ids` (transformers builds its block-diagonal mask from them).
+`--engine` makes a step a whole optimizer step: ours is `training.sft`'s step on the shared training engine
+(forward with the chunked loss, backward, clipping, AdamW with the report's settings); transformers' the same
+forward/backward followed by `clip_grad_norm_` and `torch.optim.AdamW` with the same settings.
 Each implementation runs in its own child process, alternating for `--rounds` rounds, so that the peak
 resident memory is measured per implementation and machine noise hits both alike. Prints JSON.
 """
@@ -104,9 +107,62 @@ def start_peak_window(model) -> int:
     return proc_status_bytes("VmRSS")
 
 
-def child(opts: argparse.Namespace) -> None:
+def engine_step(opts, model, inputs, targets, position_ids):
+    """A whole optimizer step: ours through training.sft on the shared engine, transformers' by hand alike."""
+    import torch
+
+    if opts.impl == "ours":
+        from training.engine import Engine, OptimizerSettings, setup_distributed
+        from training.llama.packing import PackedBatch
+        from training.sft import SFTConfig, _SFTRun
+
+        rows = PackedBatch(inputs, targets, position_ids, n_examples=0, n_truncated=0, fill=1.0)
+        config = SFTConfig(init="-", data=["-"], global_batch_rows=opts.batch, micro_batch_rows=opts.batch)
+        engine = Engine(model, OptimizerSettings(learning_rate=2e-5), total_steps=10_000,
+                        dist=setup_distributed("cpu"))
+        run = _SFTRun(config, rows, engine)
+        return lambda: run.train_step()["loss"]
+
+    import torch.nn.functional as F
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+
+    def step() -> float:
+        logits = model(input_ids=inputs, position_ids=position_ids, use_cache=False).logits
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def plain_step(opts, model, logits_of, vocab_size, inputs, targets, position_ids):
+    """Forward, loss and backward only (no optimizer), as the issue-3 measurements."""
     import torch
     import torch.nn.functional as F
+
+    def step() -> float:
+        # --autocast-bf16: the forward pass under CPU bf16 autocast on both sides (backward follows it)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.autocast_bf16):
+            if opts.fused_loss and opts.impl == "ours":
+                # the loss without the (batch, seq_len, vocab) logits, and only where there are targets:
+                # training.llama.loss.linear_cross_entropy
+                loss = model(inputs, position_ids=position_ids, targets=targets)
+            else:
+                logits = logits_of(inputs, position_ids)
+                loss = F.cross_entropy(logits.view(-1, vocab_size).float(), targets.view(-1))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def child(opts: argparse.Namespace) -> None:
+    import torch
 
     torch.set_num_threads(opts.threads)
     if opts.impl == "ours":
@@ -146,19 +202,10 @@ def child(opts: argparse.Namespace) -> None:
     else:
         (inputs, targets), position_ids, batch_about = packed_batch(opts.batch, opts.seq_len, vocab_size, seed=0), None, None
 
-    def step() -> float:
-        # --autocast-bf16: the forward pass under CPU bf16 autocast on both sides (backward follows it)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.autocast_bf16):
-            if opts.fused_loss and opts.impl == "ours":
-                # the loss without the (batch, seq_len, vocab) logits, and only where there are targets:
-                # training.llama.loss.linear_cross_entropy
-                loss = model(inputs, position_ids=position_ids, targets=targets)
-            else:
-                logits = logits_of(inputs, position_ids)
-                loss = F.cross_entropy(logits.view(-1, vocab_size).float(), targets.view(-1))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return loss.item()
+    if opts.engine:
+        step = engine_step(opts, model, inputs, targets, position_ids)
+    else:
+        step = plain_step(opts, model, logits_of, vocab_size, inputs, targets, position_ids)
 
     rss_loaded = start_peak_window(model)
     t0 = time.perf_counter()
@@ -216,6 +263,9 @@ def main() -> None:
     parser.add_argument("--malloc-tuned", action="store_true",
                         help="both children run with glibc's malloc keeping freed memory (MALLOC_MMAP_THRESHOLD_, "
                              "MALLOC_TRIM_THRESHOLD_), so big tensors reuse pages instead of faulting in fresh ones")
+    parser.add_argument("--engine", action="store_true",
+                        help="whole optimizer steps: ours training.sft's on the shared engine, transformers' with "
+                             "clip_grad_norm_ and torch AdamW (same settings)")
     parser.add_argument("--impl", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -239,7 +289,7 @@ def main() -> None:
         save_hf_checkpoint(Transformer(args), tmp)
         n_params = sum(p.numel() for p in Transformer(args, device="meta").parameters())
         results: dict[str, list[dict]] = {"ours": [], "hf": []}
-        flags = ("activation_checkpointing", "fused_loss", "malloc_tuned", "compile", "autocast_bf16")
+        flags = ("activation_checkpointing", "fused_loss", "malloc_tuned", "compile", "autocast_bf16", "engine")
         passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(opts).items()
                        if k not in ("impl", "checkpoint", *flags) and v is not None]
         passthrough += [f"--{k.replace('_', '-')}" for k in flags if getattr(opts, k)]
