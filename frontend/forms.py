@@ -6,7 +6,9 @@ from django.contrib.auth.forms import AuthenticationForm
 
 from annotation.models import RiskCategory
 from annotation.scales import SafetyLabel, Strength
+from annotation.services.errors import InvalidInput
 from annotation.throttling import login_attempt_begin, login_attempt_succeeded
+from annotation.validation import MAX_MESSAGE_CHARS, check_text
 
 DOMAINS = [("helpfulness", "Helpfulness"), ("safety", "Safety")]
 STRENGTHS = [
@@ -23,6 +25,22 @@ SAFETY = [
 ]
 
 
+class CheckedTextField(forms.CharField):
+    """Text refused as the API and the importers refuse it (annotation.validation), with their message."""
+
+    def __init__(self, *, name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.name = name  # the API's name of the field, for the same message
+
+    def to_python(self, value):
+        if value not in self.empty_values:
+            try:
+                check_text(value, field=self.name, max_length=self.max_length)
+            except InvalidInput as e:
+                raise forms.ValidationError(e.message, code="invalid") from None
+        return super().to_python(value)
+
+
 class PromptForm(forms.Form):
     """Shape only; the domain and risk-category rules are the service's (prompt_create)."""
 
@@ -32,7 +50,7 @@ class PromptForm(forms.Form):
         required=False,
         help_text="Safety prompts only.",
     )
-    text = forms.CharField(widget=forms.Textarea(attrs={"rows": 6}), max_length=20_000, label="Prompt")
+    text = CheckedTextField(name="text", widget=forms.Textarea(attrs={"rows": 6}), max_length=MAX_MESSAGE_CHARS, label="Prompt")
 
     def __init__(self, *args, domains: list[str], **kwargs):
         super().__init__(*args, **kwargs)

@@ -10,20 +10,25 @@ from annotation.models import (
     RiskCategory,
     TrainingRun,
 )
-from annotation.scales import MAX_TIME_ON_TASK_MS, Choice, SafetyLabel, Strength
+from annotation.scales import Choice, SafetyLabel, Strength
+from annotation.services.errors import InvalidInput
+from annotation.validation import MAX_MESSAGE_CHARS, MAX_NOTE_CHARS, check_overlap
+
+from .fields import CheckedModelSerializer, ChoiceTextField, JSONObjectField, TextField, TimeOnTaskField
 
 DOMAINS = Domain.choices
 
 
 class MessageSerializer(serializers.Serializer):
-    role = serializers.ChoiceField(choices=["user", "assistant"])
-    content = serializers.CharField(trim_whitespace=False)
+    role = ChoiceTextField(choices=["user", "assistant"])
+    content = TextField(trim_whitespace=False, max_length=200_000)
 
 
 class ResponseInSerializer(serializers.Serializer):
-    text = serializers.CharField(max_length=200_000)
-    policy_version = serializers.CharField(max_length=100)
-    sampling = serializers.DictField(required=False, default=dict)
+    # An empty reply is real data (a model that stops at once; HH-RLHF has such answers).
+    text = TextField(max_length=200_000, allow_blank=True, trim_whitespace=False)
+    policy_version = TextField(max_length=100)
+    sampling = JSONObjectField(required=False, default=dict)
 
 
 class ShownResponseSerializer(serializers.Serializer):
@@ -46,13 +51,15 @@ class AssignedTaskSerializer(serializers.Serializer):
 
 
 class SubmitInSerializer(serializers.Serializer):
-    choice = serializers.ChoiceField(choices=[c.value for c in Choice])
-    strength = serializers.ChoiceField(choices=[s.value for s in Strength])
-    safety_label = serializers.ChoiceField(choices=["", *[s.value for s in SafetyLabel]], required=False, default="")
-    note = serializers.CharField(required=False, allow_blank=True, default="", max_length=10_000)
-    time_on_task_ms = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=MAX_TIME_ON_TASK_MS)
-    continue_with = serializers.CharField(
-        required=False, allow_blank=True, default="", max_length=50_000,
+    choice = ChoiceTextField(choices=[c.value for c in Choice])
+    strength = ChoiceTextField(choices=[s.value for s in Strength])
+    safety_label = ChoiceTextField(
+        choices=["", *[s.value for s in SafetyLabel]], required=False, default="", help_text="safety tasks only"
+    )
+    note = TextField(required=False, allow_blank=True, default="", max_length=MAX_NOTE_CHARS, trim_whitespace=False)
+    time_on_task_ms = TimeOnTaskField(required=False, allow_null=True, default=None)
+    continue_with = TextField(
+        required=False, allow_blank=True, default="", max_length=MAX_MESSAGE_CHARS,
         help_text="a next user message: continues the dialogue with the chosen reply",
     )  # fmt: skip
 
@@ -71,10 +78,10 @@ class SubmitOutSerializer(serializers.Serializer):
 
 
 class PromptInSerializer(serializers.Serializer):
-    text = serializers.CharField(max_length=50_000)
-    domain = serializers.ChoiceField(choices=DOMAINS)
-    risk_category = serializers.ChoiceField(choices=[("", "None"), *RiskCategory.choices], required=False, default="")
-    batch = serializers.CharField(required=False, help_text="batch name; default: the newest open batch")
+    text = TextField(max_length=50_000)
+    domain = ChoiceTextField(choices=DOMAINS)
+    risk_category = ChoiceTextField(choices=[("", "None"), *RiskCategory.choices], required=False, default="")
+    batch = TextField(required=False, max_length=100, help_text="batch name; default: the newest open batch")
 
 
 class PromptSerializer(serializers.ModelSerializer):
@@ -91,7 +98,7 @@ class PromptCreatedSerializer(serializers.Serializer):
     task_id = serializers.IntegerField()
 
 
-class BatchSerializer(serializers.ModelSerializer):
+class BatchSerializer(CheckedModelSerializer):
     class Meta:
         model = Batch
         fields = [
@@ -101,9 +108,10 @@ class BatchSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "status", "created_at", "closed_at"]
 
     def validate_overlap(self, value):
-        if value < 1:
-            raise serializers.ValidationError("overlap must be at least 1")
-        return value
+        try:
+            return check_overlap(value)
+        except InvalidInput as e:
+            raise serializers.ValidationError(e.message) from None
 
     def validate_gold_rate(self, value):
         if not 0 <= value <= 1:
@@ -126,12 +134,12 @@ class AttachResponsesSerializer(serializers.Serializer):
 
 
 class ImportItemSerializer(serializers.Serializer):
-    prompt = serializers.CharField(required=False, max_length=50_000, help_text="a single-turn context")
+    prompt = TextField(required=False, max_length=50_000, help_text="a single-turn context")
     dialogue = MessageSerializer(many=True, required=False, help_text="a multi-turn context ending with a user turn")
-    domain = serializers.ChoiceField(choices=DOMAINS)
-    risk_category = serializers.ChoiceField(choices=[("", "None"), *RiskCategory.choices], required=False, default="")
+    domain = ChoiceTextField(choices=DOMAINS)
+    risk_category = ChoiceTextField(choices=[("", "None"), *RiskCategory.choices], required=False, default="")
     responses = ResponseInSerializer(many=True, min_length=2, max_length=2)
-    gold_choice = serializers.ChoiceField(choices=["", "a", "b"], required=False, default="")
+    gold_choice = ChoiceTextField(choices=["", "a", "b"], required=False, default="")
 
     def validate(self, attrs):
         if bool(attrs.get("prompt")) == bool(attrs.get("dialogue")):
@@ -140,7 +148,7 @@ class ImportItemSerializer(serializers.Serializer):
 
 
 class ImportSerializer(serializers.Serializer):
-    batch = serializers.CharField(max_length=100)
+    batch = TextField(max_length=100)
     items = ImportItemSerializer(many=True, min_length=1, max_length=5000)
 
 
@@ -151,21 +159,21 @@ class ImportOutSerializer(serializers.Serializer):
     existing = serializers.IntegerField(help_text="items the batch held already (their existing task is given)")
 
 
-class PolicyVersionSerializer(serializers.ModelSerializer):
+class PolicyVersionSerializer(CheckedModelSerializer):
     class Meta:
         model = PolicyVersion
         fields = ["id", "name", "kind", "parent", "checkpoint_uri", "metrics", "is_current", "created_at"]
         read_only_fields = ["id", "created_at"]
 
 
-class RewardModelVersionSerializer(serializers.ModelSerializer):
+class RewardModelVersionSerializer(CheckedModelSerializer):
     class Meta:
         model = RewardModelVersion
         fields = ["id", "name", "kind", "parent", "checkpoint_uri", "batches", "metrics", "created_at"]
         read_only_fields = ["id", "created_at"]
 
 
-class TrainingRunSerializer(serializers.ModelSerializer):
+class TrainingRunSerializer(CheckedModelSerializer):
     class Meta:
         model = TrainingRun
         fields = [

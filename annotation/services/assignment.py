@@ -29,6 +29,7 @@ from annotation.models import (
 )
 from annotation.models.tasks import SlotState
 from annotation.scales import MAX_TIME_ON_TASK_MS, Choice, SafetyLabel, Strength
+from annotation.validation import MAX_MESSAGE_CHARS, MAX_NOTE_CHARS, check_text, check_time_on_task_ms
 
 from .errors import BatchClosed, Conflict, InvalidInput, LeaseExpired, NotFound
 
@@ -221,6 +222,10 @@ def _validate_labels(domain: str, choice, strength, safety_label) -> tuple[str, 
         )
     if domain == Domain.SAFETY and not safety_label:
         raise InvalidInput("safety tasks need a safety_label", field="safety_label")
+    if domain != Domain.SAFETY and safety_label:
+        raise InvalidInput(
+            f"safety_label is for safety tasks; this is a {domain} task, so leave it out", field="safety_label"
+        )
     return choice, strength, safety_label
 
 
@@ -271,10 +276,11 @@ def annotation_submit(
     if batch_status != BatchStatus.OPEN:
         raise BatchClosed(f"batch {batch_name!r} is closed; this task can no longer be annotated")
     choice, strength, safety_label = _validate_labels(domain, choice, strength, safety_label)
-    if time_on_task_ms is not None and (not isinstance(time_on_task_ms, int) or time_on_task_ms < 0):
-        raise InvalidInput("time_on_task_ms must be a non-negative integer", field="time_on_task_ms")
+    time_on_task_ms = check_time_on_task_ms(time_on_task_ms)
+    note = check_text(note, field="note", max_length=MAX_NOTE_CHARS)
+    continue_with = check_text(continue_with, field="continue_with", max_length=MAX_MESSAGE_CHARS)
     served_ms = min(int((now - _aware(leased_at)).total_seconds() * 1000), MAX_TIME_ON_TASK_MS)
-    elapsed_ms = min(time_on_task_ms, MAX_TIME_ON_TASK_MS) if time_on_task_ms is not None else served_ms
+    elapsed_ms = time_on_task_ms if time_on_task_ms is not None else served_ms
     # Flag on the shorter of what the client reports and what the server saw.
     too_fast = min(elapsed_ms, served_ms) < too_fast_seconds * 1000
 

@@ -17,6 +17,7 @@ from annotation.models import (
     Turn,
     TurnRole,
 )
+from annotation.validation import MAX_MESSAGE_CHARS, check_text
 
 from .errors import BatchClosed, Conflict, InvalidInput, NotFound
 
@@ -52,7 +53,7 @@ def prompt_create(
     *, author, text: str, domain: str, risk_category: str = "", batch: Batch | None = None, source: str = "ui"
 ) -> ComparisonTask:
     """An annotator writes a prompt: it opens a dialogue whose first comparison waits for responses."""
-    text = (text or "").strip()
+    text = check_text(text, field="text", max_length=MAX_MESSAGE_CHARS).strip()
     if not text:
         raise InvalidInput("the prompt text is empty", field="text")
     risk_category = check_domain_and_risk(domain, risk_category)
@@ -120,6 +121,9 @@ def task_attach_responses(*, task_id: int, responses: list[dict], policies: dict
         raise Conflict(f"task {task_id} is {task.status}; it is not waiting for responses")
     if task.batch.status != BatchStatus.OPEN:
         raise BatchClosed(f"batch {task.batch.name!r} is closed")
+    if responses[0]["text"] == responses[1]["text"]:
+        raise InvalidInput("the two responses are identical; a comparison needs two different responses",
+                           field="responses")  # fmt: skip
     created = Response.objects.bulk_create(
         [
             Response(

@@ -33,7 +33,14 @@ from annotation.models import (
     Turn,
 )
 from annotation.models.registry import PolicyKind
-from annotation.scales import MAX_TIME_ON_TASK_MS, SafetyLabel, Strength
+from annotation.scales import SafetyLabel, Strength
+from annotation.validation import (
+    MAX_NOTE_CHARS,
+    MAX_RESPONSE_CHARS,
+    check_json_object,
+    check_text,
+    check_time_on_task_ms,
+)
 
 from .dialogues import check_domain_and_risk, slots_for
 from .errors import BatchClosed, InvalidInput
@@ -121,16 +128,25 @@ def check_record(r: ComparisonRecord) -> None:
     except InvalidInput as e:
         raise InvalidInput(f"{where}: {e.message}", field=e.field) from None
     for name, resp in (("response_a", r.response_a), ("response_b", r.response_b)):
-        if not resp.text or not resp.text.strip():
-            raise InvalidInput(f"{where}: {name} is empty", field=name)
+        # An empty response is real data (a model that stops at once; HH-RLHF's empty answers), kept as it is.
+        _checked(check_text, resp.text, where, field=name, max_length=MAX_RESPONSE_CHARS)
         if not resp.policy_version:
             raise InvalidInput(f"{where}: {name} needs a policy_version", field="policy_version")
+        _checked(check_text, resp.policy_version, where, field="policy_version", max_length=100)
+        _checked(check_json_object, resp.sampling, where, field="sampling")
+    if r.response_a.text == r.response_b.text:
+        raise InvalidInput(
+            f"{where}: the two responses are identical; a comparison needs two different responses",
+            field="response_b",
+        )
     if r.gold_choice not in ("", "a", "b"):
         raise InvalidInput(f"{where}: gold_choice must be 'a' or 'b'", field="gold_choice")
     if r.gold_choice and r.votes:
         raise InvalidInput(f"{where}: a gold task cannot carry imported annotations", field="gold_choice")
     seen = set()
     for v in r.votes:
+        _checked(check_text, v.annotator, where, field="annotator", max_length=150)
+        _checked(check_text, v.note, where, field="note", max_length=MAX_NOTE_CHARS)
         if v.annotator in seen:
             raise InvalidInput(f"{where}: annotator {v.annotator!r} appears twice", field="annotator")
         seen.add(v.annotator)
@@ -142,12 +158,15 @@ def check_record(r: ComparisonRecord) -> None:
             raise InvalidInput(
                 f"{where}: safety_label must be one of {SAFETY_LABELS}, got {v.safety_label!r}", field="safety_label"
             )
-        t = v.time_on_task_ms
-        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_TIME_ON_TASK_MS):
-            raise InvalidInput(
-                f"{where}: time_on_task_ms must be an integer from 0 to {MAX_TIME_ON_TASK_MS} (a day), got {t!r}",
-                field="time_on_task_ms",
-            )
+        _checked(check_time_on_task_ms, v.time_on_task_ms, where)
+
+
+def _checked(check, value, where: str, **kwargs):
+    """An annotation.validation check whose refusal names the record's origin."""
+    try:
+        return check(value, **kwargs)
+    except InvalidInput as e:
+        raise InvalidInput(f"{where}: {e.message}", field=e.field) from None
 
 
 def check_turns(turns: Sequence[tuple[str, str]], where: str) -> None:
@@ -158,6 +177,7 @@ def check_turns(turns: Sequence[tuple[str, str]], where: str) -> None:
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             raise InvalidInput(f"{where}: turn {i} must be a {expected} turn, got {role!r}", field="dialogue")
+        _checked(check_text, text, where, field=f"turn {i}", max_length=MAX_RESPONSE_CHARS)
         if not text or not text.strip():
             raise InvalidInput(f"{where}: turn {i} is empty", field="dialogue")
     if len(turns) % 2 == 0:

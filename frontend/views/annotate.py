@@ -4,7 +4,6 @@ Writes go through the same services as the REST API (lease, validation, blindnes
 API's rules; the combined submit-and-next call is what lets the next comparison appear in one round trip.
 """
 
-import json
 from datetime import datetime, time
 from types import SimpleNamespace
 
@@ -20,6 +19,14 @@ from annotation.selectors import task_context
 from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
 from annotation.services.errors import AnnotationError, InvalidInput
 from annotation.throttling import ExactScopedRateThrottle
+from annotation.validation import (
+    MAX_MESSAGE_CHARS,
+    MAX_NOTE_CHARS,
+    check_request_json,
+    check_text,
+    check_time_on_task_ms,
+    parse_json,
+)
 
 from ..access import role_required
 
@@ -110,22 +117,17 @@ def error_response(error: AnnotationError) -> JsonResponse:
 
 
 def _body(request) -> dict:
-    try:
-        data = json.loads(request.body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("the request body is not valid JSON") from None
+    """The JSON object posted, checked as the API checks its bodies (annotation.validation)."""
+    data = parse_json(request.body or b"{}")
     if not isinstance(data, dict):
         raise InvalidInput("the request body must be a JSON object")
+    check_request_json(data)
     return data
 
 
 def _text(data: dict, name: str, limit: int) -> str:
-    value = data.get(name, "") or ""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{name} must be text", field=name)
-    if len(value) > limit:
-        raise InvalidInput(f"{name} is longer than {limit} characters", field=name)
-    return value
+    value = data.get(name)
+    return "" if value is None else check_text(value, field=name, max_length=limit)
 
 
 @role_required()
@@ -158,18 +160,15 @@ def annotate_submit(request, task_id: int):
         return limited
     try:
         data = _body(request)
-        time_on_task_ms = data.get("time_on_task_ms")
-        if time_on_task_ms is not None and (not isinstance(time_on_task_ms, int) or isinstance(time_on_task_ms, bool)):
-            raise InvalidInput("time_on_task_ms must be an integer", field="time_on_task_ms")
         result = annotation_submit(
             user=request.user,
             task_id=task_id,
             choice=_text(data, "choice", 32),
             strength=_text(data, "strength", 32),
             safety_label=_text(data, "safety_label", 32),
-            note=_text(data, "note", 10_000),
-            time_on_task_ms=time_on_task_ms,
-            continue_with=_text(data, "continue_with", 50_000),
+            note=_text(data, "note", MAX_NOTE_CHARS),
+            time_on_task_ms=check_time_on_task_ms(data.get("time_on_task_ms")),
+            continue_with=_text(data, "continue_with", MAX_MESSAGE_CHARS),
         )
         # The next comparison is a claim: it counts against the claim limit too. The submit is saved either way.
         if withheld := throttle_message(request, "claim"):

@@ -61,19 +61,26 @@
       var text = document.createElement("div"); text.className = "text"; text.textContent = turn.content;
       li.appendChild(who); li.appendChild(text); list.appendChild(li);
     });
-    $("text-a").textContent = task.response_a;
-    $("text-b").textContent = task.response_b;
+    showResponse($("text-a"), task.response_a);
+    showResponse($("text-b"), task.response_b);
     $("domain").textContent = task.domain;
     $("domain").className = "badge " + task.domain;
     $("risk").textContent = task.risk_category; $("risk").hidden = !task.risk_category;
     $("batch").textContent = task.batch;
     $("guide").href = root.dataset.guidelinesUrl + task.domain + "/";
-    $("safety-need").textContent = task.domain === "safety" ? "(required)" : "(optional)";
+    // Safety labels belong to safety tasks only (the server refuses one on a helpfulness task).
+    form.querySelector("fieldset.safety").hidden = task.domain !== "safety";
     expiresAt = Date.parse(task.expires_at) - clockSkew;
     $("empty").hidden = true; $("task").hidden = false;
     root.dataset.taskId = String(task.task_id); root.dataset.state = "ready";
     renderProgress(data.progress); tick();
     shownAt = performance.now();
+  }
+
+  // An empty reply is real data (a model that stopped at once): say so instead of showing a blank box.
+  function showResponse(el, text) {
+    el.textContent = text || "(empty response)";
+    el.classList.toggle("empty", !text);
   }
 
   function load() {
@@ -91,7 +98,8 @@
     if (busy) return;
     if (!task) { load(); return; }
     var body = {
-      choice: value("choice"), strength: value("strength"), safety_label: value("safety_label"),
+      choice: value("choice"), strength: value("strength"),
+      safety_label: task.domain === "safety" ? value("safety_label") : "",
       note: $("note").value, continue_with: $("continue_with").value,
       time_on_task_ms: Math.round(performance.now() - shownAt),
     };
