@@ -8,7 +8,7 @@ from pathlib import Path
 
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord
 
-from .common import ImportFormatError, Progress, Skipped, jsonl_objects, require_str, risk_for
+from .common import ImportFormatError, Progress, Skipped, check_storable, jsonl_objects, require_str, risk_for
 
 POLICY = "hh-rlhf:anthropic"
 ANNOTATOR = "hh-rlhf:crowdworker"
@@ -50,14 +50,14 @@ def parse(
 
 
 def _record(obj: dict, where: str, domain: str) -> ComparisonRecord:
+    check_storable(obj, where)
     chosen = parse_transcript(require_str(obj, "chosen", where), where, "chosen")
     rejected = parse_transcript(require_str(obj, "rejected", where), where, "rejected")
     if chosen[:-1] != rejected[:-1]:
         raise ImportFormatError(where, "rejected", "chosen and rejected must share every turn but the last")
     context = tuple(chosen[:-1])
     good, bad = ResponseRecord(chosen[-1][1], POLICY), ResponseRecord(rejected[-1][1], POLICY)
-    if not good.text or not bad.text:
-        raise ImportFormatError(where, "chosen" if not good.text else "rejected", "the final reply is empty")
+    # An empty final reply is real data (an empty answer preferred to a harmful one): stored as it is.
     a_chosen = _a_is_chosen(context, good.text, bad.text)
     return ComparisonRecord(
         turns=context,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord
 
-from .common import ImportFormatError, Progress, Skipped, jsonl_objects, require_str
+from .common import ImportFormatError, Progress, Skipped, check_storable, jsonl_objects, require_str
 
 
 def _response(obj: dict, key: str, where: str) -> ResponseRecord:
@@ -36,6 +36,7 @@ def parse(
 
 def _add_row(tasks: dict, lineno: int, obj: dict, domain: str | None) -> None:
     where = f"line {lineno}"
+    check_storable(obj, where)
     dialogue = obj.get("dialogue")
     if not isinstance(dialogue, list) or not all(isinstance(m, dict) for m in dialogue):
         raise ImportFormatError(where, "dialogue", "expected a list of {role, content} messages")

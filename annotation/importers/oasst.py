@@ -8,7 +8,7 @@ from pathlib import Path
 
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord
 
-from .common import ImportFormatError, Progress, Skipped, jsonl_objects, risk_for
+from .common import ImportFormatError, Progress, Skipped, check_storable, jsonl_objects, risk_for
 
 ANNOTATOR = "oasst:rankers"
 ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -38,6 +38,7 @@ def parse(
 
 
 def _tree_records(tree: dict, where: str, domain: str, flip_start: int) -> list[ComparisonRecord]:
+    check_storable(tree, where)
     records: list[ComparisonRecord] = []
     root = tree.get("prompt")
     if not isinstance(root, dict):

@@ -6,12 +6,22 @@ disagrees -> slightly better. A tie vote counts as "negligibly better / unsure" 
 Items with no majority (all ties, or one each way) carry no preference and are left out.
 """
 
-import json
 from pathlib import Path
 
+from annotation.services.errors import InvalidInput
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord
+from annotation.validation import parse_json
 
-from .common import ImportFormatError, Progress, Skipped, open_text, require_str, risk_for
+from .common import (
+    ImportFormatError,
+    Progress,
+    Skipped,
+    check_storable,
+    open_text,
+    read_all,
+    require_str,
+    risk_for,
+)
 
 LABELS = {1: "a", 2: "b", 0: None}
 
@@ -34,10 +44,11 @@ def parse(
 ) -> list[ComparisonRecord]:
     skipped = Skipped() if skipped is None else skipped
     with open_text(path) as f:
-        try:
-            items = json.load(f)  # one JSON array: read whole, so the bar moves once
-        except json.JSONDecodeError as e:
-            raise ImportFormatError(f"line {e.lineno}", "(json)", f"not valid JSON: {e.msg}") from None
+        text = read_all(f)  # one JSON array: read whole, so the bar moves once
+    try:
+        items = parse_json(text, what="the file")
+    except InvalidInput as e:
+        raise ImportFormatError("top level", "(json)", e.message) from None
     if progress is not None:
         progress(path.stat().st_size)
     if not isinstance(items, list):
@@ -58,6 +69,7 @@ def _record(i: int, item, domain: str) -> ComparisonRecord | None:
     where = f"item {i}"
     if not isinstance(item, dict):
         raise ImportFormatError(where, "(json)", "expected an object")
+    check_storable(item, where)
     instruction = require_str(item, "instruction", where)
     prompt = instruction + (
         f"\n\n{item['input']}" if isinstance(item.get("input"), str) and item["input"].strip() else ""

@@ -46,53 +46,126 @@ def test_parsing_reports_how_much_of_the_file_is_read(shared_data, fmt, name):
 
 
 def test_hh_rlhf_strict_import_names_line_and_field(shared_data):
-    with pytest.raises(ImportFormatError, match=r"line 65, field 'chosen'"):
+    with pytest.raises(ImportFormatError, match=r"line 1318, field 'rejected'"):
         parse_file("hh-rlhf", shared_data / "hh-rlhf-harmless/pairs.jsonl.gz", domain="safety")
 
 
-def test_pandalm_keeps_three_annotators_and_strength_from_consensus(shared_data):
-    records, skipped = parse_file(
-        "pandalm", shared_data / "pandalm/testset-v1.json", domain="helpfulness", skip_invalid=True
-    )
-    assert all(len(r.votes) == 3 for r in records)
-    strengths = {v.strength for r in records for v in r.votes}
-    assert {"significantly_better", "better", "slightly_better", "negligibly_better"} <= strengths
-    unanimous = [
-        r
-        for r in records
-        if {v.choice for v in r.votes} == {r.votes[0].choice}
-        and r.votes[0].strength == "significantly_better"
-    ]
-    assert unanimous
+def test_an_empty_final_reply_is_imported_as_an_empty_response_and_served_as_one(shared_data, tmp_path, client):
+    # Line 65 of the shared harmless pairs: an empty answer preferred to one giving out a home address.
+    import gzip
+
+    with gzip.open(shared_data / "hh-rlhf-harmless/pairs.jsonl.gz", "rt") as f:
+        line = [next(f) for _ in range(65)][-1]
+    path = tmp_path / "line65.jsonl"
+    path.write_text(line)
+    call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="hh", overlap=2)
+    task = ComparisonTask.objects.get()
+    empty = task.response_a if task.response_a.text == "" else task.response_b
+    assert empty.text == ""
+    chosen = Annotation.objects.get(task=task).choice
+    assert (task.response_a if chosen == "a" else task.response_b) == empty  # the empty answer was preferred
+    # An empty response posted by a model worker is stored and served as it is (the page shows a placeholder).
+    researcher = annotator("lead", role=Role.RESEARCHER)
+    api = APIClient()
+    api.force_authenticate(researcher)
+    BatchFactory(name="live")
+    item = {"prompt": "Tell me a secret", "domain": "helpfulness",
+            "responses": [{"text": "", "policy_version": "hh-rlhf:anthropic"},
+                          {"text": "No.", "policy_version": "hh-rlhf:anthropic"}]}  # fmt: skip
+    assert api.post("/api/v1/comparisons/import/", {"batch": "live", "items": [item]}, format="json").status_code == 201
+    client.force_login(annotator("ann"))
+    served = client.post("/annotate/next/", content_type="application/json").json()["task"]
+    assert (served["response_a"], served["response_b"]) == ("", "No.")
 
 
-def test_oasst_rank_gaps_become_strengths_and_context_is_the_path(shared_data):
-    records, _ = parse_file("oasst", shared_data / "oasst-trees/en_100_tree.jsonl", domain="helpfulness")
-    assert len(records) == 754
-    assert any(len(r.turns) >= 3 for r in records)  # multi-turn contexts
-    assert {v.strength for r in records for v in r.votes} == {
-        "slightly_better",
-        "better",
-        "significantly_better",
-    }
+GOOD_LINE = json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello there",
+                        "rejected": "\n\nHuman: hi\n\nAssistant: go away"}) + "\n"  # fmt: skip
 
 
-def test_import_command_is_all_or_nothing_and_names_the_line(tmp_path):
-    good = {
-        "chosen": "\n\nHuman: hi\n\nAssistant: hello there",
-        "rejected": "\n\nHuman: hi\n\nAssistant: go away",
-    }
-    path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps(good) + "\n" + json.dumps({"chosen": "\n\nHuman: x"}) + "\n")
-    with pytest.raises(CommandError, match=r"line 2, field 'chosen'"):
-        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1")
-    assert not ComparisonTask.objects.exists()
-    assert not Prompt.objects.exists()
+def _gz(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        # The gzip stream ends mid-way (a download cut short).
+        ("cut.jsonl.gz", lambda: _gz(GOOD_LINE.encode() * 400)[:-40], r"line \d+: the file ends in the middle of its compressed data"),
+        ("plain.jsonl.gz", lambda: GOOD_LINE.encode(), r"line 1: the file is not valid gzip data"),
+        ("latin.jsonl", lambda: GOOD_LINE.encode() + b'{"chosen": "caf\xff"}\n', r"line 2: not UTF-8 text \(byte 0xff"),
+        # A surrogate encoded as bytes (CESU-style): not UTF-8 either.
+        ("cesu.jsonl", lambda: GOOD_LINE.encode() * 2 + b'{"chosen": "\xed\xb2\x80"}\n', r"line 3: not UTF-8 text"),
+    ],
+)
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_an_unreadable_file_is_a_one_line_error_even_with_skip_invalid(tmp_path, name, content, message, skip_invalid):
+    path = tmp_path / name
+    path.write_bytes(content())
+    with pytest.raises(CommandError, match=message) as e:
+        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1",
+                     skip_invalid=skip_invalid)  # fmt: skip
+    assert str(path) in str(e.value)
+    assert "\n" not in str(e.value)
     assert not Batch.objects.exists()
-    path.write_text(json.dumps(good) + "\n" + "{oops\n")
-    with pytest.raises(CommandError, match=r"line 2, field '\(json\)'"):
-        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1")
     assert not ComparisonTask.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "problem"),
+    [
+        ("\x00", "chosen", "contains a NUL character"),
+        ("\udc80", "rejected", "contains a lone surrogate"),
+    ],
+)
+def test_a_nul_or_lone_surrogate_names_line_and_field_and_stores_nothing(tmp_path, bad, field, problem):
+    record = json.loads(GOOD_LINE)
+    record[field] = record[field].replace("there" if field == "chosen" else "away", f"x{bad}y")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_LINE + json.dumps(record) + "\n")  # json.dumps writes the escapes, as a file holds them
+    with pytest.raises(CommandError, match=rf"line 2, field '{field}': {field} {problem}"):
+        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1")
+    assert not Batch.objects.exists()
+    assert not ComparisonTask.objects.exists()
+    # With --skip-invalid the bad record is left out and the rest stored.
+    call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1", skip_invalid=True)
+    assert ComparisonTask.objects.count() == 1
+
+
+@pytest.mark.parametrize("overlap", [0, -3, 40_000])
+def test_a_bad_overlap_is_refused_before_anything_is_read(tmp_path, overlap):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_LINE)
+    with pytest.raises(CommandError, match=r"--overlap must be a whole number from 1 to 32767"):
+        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1",
+                     overlap=overlap)  # fmt: skip
+    assert not Batch.objects.exists()
+
+
+def test_a_failed_store_leaves_no_empty_batch_behind(tmp_path, monkeypatch):
+    from annotation.management.commands import import_preferences
+    from annotation.services.errors import Conflict
+
+    def refuse(**kwargs):
+        assert Batch.objects.filter(name="b1").exists()  # created in the store's transaction...
+        raise Conflict("batch 'b1' is closed")
+
+    monkeypatch.setattr(import_preferences, "comparisons_store", refuse)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_LINE)
+    with pytest.raises(CommandError, match="nothing was imported"):
+        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1")
+    assert not Batch.objects.exists()  # ...and gone with it
+
+
+def test_identical_responses_in_a_file_are_refused(tmp_path):
+    same = json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: yes"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(GOOD_LINE + same + "\n")
+    with pytest.raises(CommandError, match="line 2, field 'response_b': the two responses are identical"):
+        call_command("import_preferences", str(path), format="hh-rlhf", domain="helpfulness", batch="b1")
+    assert not Batch.objects.exists()
 
 
 def test_importing_a_file_twice_stores_it_once(shared_data, capsys):
