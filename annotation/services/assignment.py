@@ -101,11 +101,14 @@ class _Slot:
     batch_id: int
     lease_seconds: int
     gold_rate: float
+    released: bool  # a task this annotator released earlier, served to them again
 
 
-def _next_slot(user, domains: list[str], now: datetime, passed_over: list[int] = ()) -> _Slot | None:
+def _next_slot(
+    user, domains: list[str], now: datetime, passed_over: list[int] = (), *, released: bool = False
+) -> _Slot | None:
     """Lock the first claimable slot: oldest batch first, then oldest task; skip rows others hold and the
-    slots `passed_over`.
+    slots `passed_over`. Tasks this annotator was never served, or with `released`, the ones they released.
 
     One index range scan per (batch, domain) on the partial index of unfilled slots, in task order, so a
     claim costs the same with 2,000 or 200,000 tasks in the pool.
@@ -117,7 +120,9 @@ def _next_slot(user, domains: list[str], now: datetime, passed_over: list[int] =
         f"SELECT s.id, s.task_id, s.state, s.assignment_id FROM {_T['TaskSlot']} s"
         " WHERE s.batch_id = %s AND s.domain = %s"
         " AND (s.state = 'free' OR (s.state = 'leased' AND s.lease_expires_at < %s))"
-        f" AND NOT EXISTS (SELECT 1 FROM {_T['Assignment']} x WHERE x.task_id = s.task_id AND x.annotator_id = %s)"
+        + (" AND EXISTS" if released else " AND NOT EXISTS")
+        + f" (SELECT 1 FROM {_T['Assignment']} x WHERE x.task_id = s.task_id AND x.annotator_id = %s"
+        + (" AND x.status = 'released')" if released else ")")
         + (f" AND s.id NOT IN ({', '.join(['%s'] * len(passed_over))})" if passed_over else "")
         + " ORDER BY s.task_id, s.\"index\" LIMIT 1" + _for_update(skip_locked=True)
     )
@@ -126,8 +131,19 @@ def _next_slot(user, domains: list[str], now: datetime, passed_over: list[int] =
         for domain in domains:
             row = _fetchone(sql, [batch_id, domain, stamp, user.pk, *passed_over])
             if row is not None:
-                return _Slot(*row, batch_id=batch_id, lease_seconds=lease_seconds, gold_rate=gold_rate)
+                return _Slot(*row, batch_id=batch_id, lease_seconds=lease_seconds, gold_rate=gold_rate,
+                             released=released)  # fmt: skip
     return None
+
+
+def _claimable_slot(user, domains: list[str], now: datetime, *, released: bool) -> _Slot | None:
+    """`_next_slot`, passing over expired leases whose holder is acting on them right now."""
+    passed_over: list[int] = []
+    slot = _next_slot(user, domains, now, released=released)
+    while slot is not None and slot.state == SlotState.LEASED and not _lock_for_take_over(slot.assignment_id):
+        passed_over.append(slot.id)
+        slot = _next_slot(user, domains, now, passed_over, released=released)
+    return slot
 
 
 def _next_gold_task(user, domains: list[str], batch_id: int) -> ComparisonTask | None:
@@ -174,11 +190,9 @@ def assignment_claim_next(*, user, now: datetime | None = None) -> Assignment | 
 
     if not domains:
         return None
-    slot = _next_slot(user, domains, now)
-    passed_over: list[int] = []
-    while slot is not None and slot.state == SlotState.LEASED and not _lock_for_take_over(slot.assignment_id):
-        passed_over.append(slot.id)
-        slot = _next_slot(user, domains, now, passed_over)
+    # Released tasks ("not now") come back to the annotator once nothing new is left for them; skipped
+    # ones ("never again") do not.
+    slot = _claimable_slot(user, domains, now, released=False) or _claimable_slot(user, domains, now, released=True)
     if slot is None:
         return None
     expires_at = now + timedelta(seconds=slot.lease_seconds)
@@ -193,7 +207,16 @@ def assignment_claim_next(*, user, now: datetime | None = None) -> Assignment | 
         # Taking over a slot whose lease ran out (its assignment locked above): the old holder can no longer
         # submit it.
         Assignment.objects.filter(pk=slot.assignment_id).update(status=AssignmentStatus.EXPIRED, finished_at=now)
-    assignment = Assignment.objects.create(task_id=slot.task_id, annotator=user, leased_at=now, expires_at=expires_at)
+    if slot.released:
+        # One assignment row per task and annotator (a constraint): the released one is leased again.
+        assignment = Assignment.objects.get(task_id=slot.task_id, annotator=user, status=AssignmentStatus.RELEASED)
+        assignment.status, assignment.leased_at, assignment.expires_at = AssignmentStatus.LEASED, now, expires_at
+        assignment.finished_at = None
+        assignment.save(update_fields=["status", "leased_at", "expires_at", "finished_at"])
+    else:
+        assignment = Assignment.objects.create(
+            task_id=slot.task_id, annotator=user, leased_at=now, expires_at=expires_at
+        )
     TaskSlot.objects.filter(pk=slot.id).update(
         state=SlotState.LEASED, assignment=assignment, lease_expires_at=expires_at
     )

@@ -101,6 +101,28 @@ def test_skip_returns_slot_and_is_never_served_again():
     assert assignment_claim_next(user=other).task_id == task.id
 
 
+def test_a_released_task_comes_back_to_its_annotator_after_the_new_ones_and_a_skipped_one_never():
+    first, second, third = make_tasks(BatchFactory(overlap=2), 3)
+    user = annotator()
+    released = assignment_claim_next(user=user)
+    assert released.task_id == first.id
+    assignment_give_back(user=user, task_id=first.id, skip=False)
+    skipped = assignment_claim_next(user=user)
+    assignment_give_back(user=user, task_id=skipped.task_id, skip=True)
+    assert skipped.task_id == second.id
+    # Not at once: what the annotator has not seen yet comes first.
+    submit(user, assignment_claim_next(user=user))
+    again = assignment_claim_next(user=user)
+    assert again.task_id == first.id  # released: back later
+    assert again.status == "leased"
+    assert again.expires_at > timezone.now()
+    assert Assignment.objects.filter(task=first, annotator=user).count() == 1  # the same row, leased again
+    submit(user, again)
+    assert Annotation.objects.filter(task=first, annotator=user).exists()
+    assert assignment_claim_next(user=user) is None  # skipped: never again
+    assert TaskSlot.objects.filter(task=first, state="filled").count() == 1
+
+
 def test_gold_tasks_are_mixed_in_at_the_batch_rate():
     batch = BatchFactory(gold_rate=0.3)
     make_tasks(batch, 200)
