@@ -9,7 +9,7 @@ COPY annotation annotation
 COPY rewards rewards
 COPY training training
 COPY frontend frontend
-COPY manage.py ./
+COPY manage.py gunicorn.conf.py ./
 # CPU torch for the CPU worker: the PyTorch CPU index keeps the image small.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install -e '.[ml]'

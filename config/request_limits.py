@@ -53,6 +53,7 @@ class RequestLimitsMiddleware:
             )
             # The body stays unread: this connection cannot carry another request.
             response["Connection"] = "close"
+            response["Content-Length"] = str(len(response.content))  # answered before CommonMiddleware sets it
             return response
         for key, values in request.GET.lists():
             for text in (key, *values):
