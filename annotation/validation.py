@@ -15,6 +15,8 @@ from annotation.services.errors import InvalidInput
 MAX_NOTE_CHARS = 10_000
 MAX_MESSAGE_CHARS = 50_000
 MAX_RESPONSE_CHARS = 200_000
+# Labels and other choices (choice, strength, safety_label, domain, kind): longer text is no choice of ours.
+MAX_LABEL_CHARS = 32
 
 # A batch's overlap is a small integer column.
 MAX_OVERLAP = 32_767

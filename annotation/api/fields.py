@@ -9,7 +9,13 @@ from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 
 from annotation.services.errors import InvalidInput
-from annotation.validation import check_json, check_request_json, check_text, check_time_on_task_ms
+from annotation.validation import (
+    MAX_LABEL_CHARS,
+    check_json,
+    check_request_json,
+    check_text,
+    check_time_on_task_ms,
+)
 
 
 def _as_validation_error(error: InvalidInput) -> serializers.ValidationError:
@@ -48,7 +54,7 @@ class ChoiceTextField(serializers.ChoiceField):
 
     def to_internal_value(self, data):
         try:
-            check_text(data, field=self.field_name)
+            check_text(data, field=self.field_name, max_length=MAX_LABEL_CHARS)
         except InvalidInput as e:
             raise _as_validation_error(e) from None
         return super().to_internal_value(data)

@@ -20,6 +20,7 @@ from annotation.services.assignment import annotation_submit, assignment_claim_n
 from annotation.services.errors import AnnotationError, InvalidInput
 from annotation.throttling import ExactScopedRateThrottle
 from annotation.validation import (
+    MAX_LABEL_CHARS,
     MAX_MESSAGE_CHARS,
     MAX_NOTE_CHARS,
     check_request_json,
@@ -163,9 +164,9 @@ def annotate_submit(request, task_id: int):
         result = annotation_submit(
             user=request.user,
             task_id=task_id,
-            choice=_text(data, "choice", 32),
-            strength=_text(data, "strength", 32),
-            safety_label=_text(data, "safety_label", 32),
+            choice=_text(data, "choice", MAX_LABEL_CHARS),
+            strength=_text(data, "strength", MAX_LABEL_CHARS),
+            safety_label=_text(data, "safety_label", MAX_LABEL_CHARS),
             note=_text(data, "note", MAX_NOTE_CHARS),
             time_on_task_ms=check_time_on_task_ms(data.get("time_on_task_ms")),
             continue_with=_text(data, "continue_with", MAX_MESSAGE_CHARS),
