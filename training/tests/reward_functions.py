@@ -22,13 +22,14 @@ def share_of_letter_e(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 def response_length(prompts: list[str], responses: list[str]) -> list[float]:
-    """The answer's length in characters (many distinct values: a clear argmax)."""
-    return [float(len(r)) for r in responses]
+    """The answer's length in tens of characters (many distinct values: a clear argmax; within the +-27.6 that the
+    combined reward's logit keeps exactly)."""
+    return [len(r) / 10 for r in responses]
 
 
 def shortness(prompts: list[str], responses: list[str]) -> list[float]:
-    """Minus the answer's length in characters: the opposite judge of response_length."""
-    return [-float(len(r)) for r in responses]
+    """Minus the answer's length in tens of characters: the opposite judge of response_length."""
+    return [-len(r) / 10 for r in responses]
 
 
 def mentions_a_dog(prompts: list[str], responses: list[str]) -> list[float]:
