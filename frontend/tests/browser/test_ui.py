@@ -114,10 +114,36 @@ def test_narrow_screen_stacks_the_responses(page):
     # Focus order: each question once, then the text boxes, then the buttons.
     page.locator("input[name=choice]").first.focus()
     order = []
-    for _ in range(6):
+    for _ in range(5):
         page.keyboard.press("Tab")
         order.append(page.evaluate("document.activeElement.name || document.activeElement.id"))
-    assert order == ["strength", "safety_label", "note", "continue_with", "submit", "skip"]
+    # A helpfulness task: no safety question (the server refuses a safety label on one).
+    assert order == ["strength", "note", "continue_with", "submit", "skip"]
+
+
+def test_an_empty_response_is_shown_as_such_and_a_helpfulness_task_asks_no_safety_label(page):
+    from annotation.services.imports import ComparisonRecord, ResponseRecord, comparisons_store
+
+    batch = BatchFactory(name="week-empty", overlap=1)
+    make_tasks(batch, 0)  # registers the SFT policy
+    record = ComparisonRecord(turns=(("user", "Where does my neighbour live?"),),
+                              response_a=ResponseRecord("", "SFT"), response_b=ResponseRecord("Look it up.", "SFT"),
+                              domain="helpfulness")  # fmt: skip
+    (task,) = comparisons_store(batch=batch, records=[record]).tasks
+    annotator("empty")
+    log_in(page, "empty", PASSWORD)
+    page.goto("/annotate/")
+    page.locator("#workbench[data-state=ready]").wait_for()
+    assert page.locator("#text-a").inner_text() == "(empty response)"
+    assert "empty" in page.locator("#text-a").get_attribute("class")
+    assert page.locator("#text-b").inner_text() == "Look it up."
+    assert not page.locator("fieldset.safety").is_visible()
+    for key in ("1", "s", "k"):  # k (both safe) does nothing on a helpfulness task
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")
+    page.get_by_text(f"Saved comparison {task.id}").wait_for()
+    saved = Annotation.objects.get(task=task)
+    assert (saved.choice, saved.strength, saved.safety_label) == ("a", "better", "")
 
 
 def test_reviewer_adjudicates_a_disagreement(page):
