@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 SCHEDULES = ("cosine", "constant")
+SHARDINGS = ("ddp", "fsdp")
 
 # --------------------------------------------------------------------------------------------- processes
 
@@ -272,13 +273,23 @@ class Engine:
     `accumulating`, which lets DDP synchronise only on the last. A loss handed to `backward` should already be
     scaled so that the sum over this process's micro-batches, averaged over processes by DDP, is the global
     batch's mean (`scale_for_global`).
+
+    `sharding="fsdp"` shards the model over the processes instead (PyTorch's FSDP2, `fully_shard`, each
+    `TransformerBlock` a unit, then the root): each process holds a slice of the weights, gradients and optimizer
+    state, the rest is gathered block by block when needed. Checkpoints hold the full, unsharded state either
+    way (gathered by every process, written by rank 0), and `full_model_state` gives it for saving the model.
     """
 
     def __init__(self, model: nn.Module, settings: OptimizerSettings, *, total_steps: int, dist: Distributed,
                  state_path: str | os.PathLike[str] | None = None, max_minutes: float | None = None,
-                 started_at: float | None = None):
+                 started_at: float | None = None, sharding: str = "ddp"):
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        if sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+        self.sharded = sharding == "fsdp" and dist.world_size > 1
+        if self.sharded:
+            shard_model(model)  # before the optimizer: it must see the sharded parameters
         self.model = model
         self.settings = settings
         self.total_steps = total_steps
@@ -291,7 +302,7 @@ class Engine:
         self._elapsed_before = 0.0
         self._start = time.monotonic() if started_at is None else started_at  # the budget's clock
         self.module: nn.Module = model
-        if dist.world_size > 1:
+        if dist.world_size > 1 and not self.sharded:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.module = DistributedDataParallel(model, device_ids=device_ids)
 
@@ -320,7 +331,10 @@ class Engine:
     @contextlib.contextmanager
     def accumulating(self, *, last: bool) -> Iterator[None]:
         """Around one micro-batch's forward and backward: DDP all-reduces the gradients only on the last one."""
-        if self.dist.world_size == 1 or last:
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            yield
+        elif self.dist.world_size == 1 or last:
             yield
         else:
             with self.module.no_sync():  # type: ignore[operator]
@@ -348,14 +362,17 @@ class Engine:
     def save(self, extra: Mapping[str, Any] | None = None, *, signature: Mapping[str, Any] | None = None) -> None:
         """Atomically write model, optimizer, scheduler, RNG, step, elapsed time and the trainer's `extra` entries
         beside them (rank 0 only)."""
-        if self.state_path is None or not self.dist.is_main:
+        if self.state_path is None:
+            return
+        model_state, optimizer_state = self._full_states()  # every process takes part when sharded
+        if not self.dist.is_main:
             return
         extra = dict(extra or {})
         clash = sorted(set(extra) & set(_ENGINE_KEYS))
         if clash:
             raise ValueError(f"checkpoint entries {clash} are the engine's own")
         atomic_torch_save({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state, "sharded": self.sharded,
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "step": self.step,
             "total_steps": self.total_steps, "elapsed_s": self.elapsed(), "signature": dict(signature or {}),
             **extra,
@@ -374,6 +391,9 @@ class Engine:
             return None
         assert self.state_path is not None
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        if bool(state.get("sharded", False)) != self.sharded:
+            raise ValueError(f"{self.state_path} was written by a {'sharded' if state.get('sharded') else 'DDP'} run; "
+                             f"resume it the same way")
         expected = {"total_steps": self.total_steps, **(signature or {})}
         found = {"total_steps": state.get("total_steps"), **state.get("signature", {})}
         if any(found.get(k) != v for k, v in expected.items()):
@@ -381,8 +401,14 @@ class Engine:
                 f"{self.state_path} belongs to a different run ({found}; now {expected}): use another output "
                 "directory or remove it"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -390,7 +416,39 @@ class Engine:
         return {k: v for k, v in state.items() if k not in _ENGINE_KEYS}
 
 
-_ENGINE_KEYS = ("model", "optimizer", "scheduler", "rng", "step", "total_steps", "elapsed_s", "signature")
+    def _full_states(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's and the optimizer's full state dicts (sharded: gathered, on rank 0 only)."""
+        if not self.sharded:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.model, self.optimizer,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The model's whole state dict for saving it (call on every process; sharded, rank 0 gets it)."""
+        if not self.sharded:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+_ENGINE_KEYS = ("model", "optimizer", "sharded", "scheduler", "rng", "step", "total_steps", "elapsed_s", "signature")
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP2 over a model holding Llama blocks: each TransformerBlock its own unit, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    from training.llama.model import TransformerBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    if not blocks:
+        raise ValueError("FSDP sharding needs a model with Llama TransformerBlocks")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
 
 
 def read_elapsed_minutes(state_path: str | os.PathLike[str]) -> float:

@@ -93,6 +93,7 @@ class SFTConfig:
     device: str | None = None
     bf16: bool = True  # autocast to bfloat16 on GPU
     activation_checkpointing: bool = False
+    sharding: str = "ddp"  # under torchrun: ddp (a full copy a process) or fsdp (weights, gradients, optimizer sharded)
     num_threads: int | None = None
 
     def check(self) -> None:
@@ -303,7 +304,8 @@ def train_sft(config: SFTConfig, *, progress: Callable[[StepProgress], None] | N
     model.set_activation_checkpointing(config.activation_checkpointing)
     model.train()
     engine = Engine(model, OptimizerSettings.of(config), total_steps=total_steps, dist=dist_,
-                    state_path=out_dir / TRAIN_STATE_FILE, max_minutes=config.max_minutes, started_at=start)
+                    state_path=out_dir / TRAIN_STATE_FILE, max_minutes=config.max_minutes, started_at=start,
+                    sharding=config.sharding)
     run = _SFTRun(config, rows, engine)
     if config.resume:
         run.resume()
@@ -337,7 +339,11 @@ def train_sft(config: SFTConfig, *, progress: Callable[[StepProgress], None] | N
         n_examples=len(examples), n_skipped=skipped, n_rows=n_rows, n_truncated=rows.n_truncated,
         row_fill=rows.fill, final_loss=run.history[-1]["loss"] if run.history else None, history=run.history,
     )
+    state = engine.full_model_state()  # every process takes part when the model is sharded
     if dist_.is_main:
+        if engine.sharded:
+            model = Transformer(args)
+            model.load_state_dict(state)
         model.eval()
         save_policy(model, out_dir / POLICY_DIR, like=config.init, tokenizer=tokenizer_path)
         report = result.to_dict()
@@ -377,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
     parser.add_argument("--no-resume", dest="resume", action="store_false")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--fsdp", dest="sharding", action="store_const", const="fsdp",
+                        help="under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--threads", dest="num_threads", type=int, default=None)

@@ -209,3 +209,30 @@ def test_bad_settings_are_clear_errors(tmp_path, tiny_policy, stories_tokenizer,
     assert main(["--init", str(tiny_policy), "--tokenizer", str(stories_tokenizer), "--data", str(bad),
                  "--format", "prompts", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "bad.jsonl:1: response: missing" in capsys.readouterr().err
+
+
+def test_fsdp_two_processes_match_one_and_resume(tmp_path, tiny_policy, stories_tokenizer, sft_prompts_file):
+    """Sharded (FSDP2) over two processes: the same weights as one process, also across a stop and resume."""
+    args = ["--init", str(tiny_policy), "--tokenizer", str(stories_tokenizer), "--data", str(sft_prompts_file),
+            "--format", "prompts", "--prompt-format", "plain", "--seq-len", "32", "--global-batch-rows", "2",
+            "--micro-batch-rows", "1", "--learning-rate", "1e-2", "--max-steps", "3", "--threads", "1", "--quiet"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "training.sft", *args, "--fsdp", "--out", str(tmp_path / "fsdp")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run([*torchrun, "--stop-after-steps", "2"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = torch.load(tmp_path / "fsdp" / TRAIN_STATE_FILE, weights_only=False)
+    assert (state["step"], state["sharded"]) == (2, True)
+    assert state["model"]["layers.0.attention.wq.weight"].shape == (48, 48)  # the full weight, not a shard
+    second = subprocess.run(torchrun, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one, fsdp = _weights(tmp_path / "one" / POLICY_DIR), _weights(tmp_path / "fsdp" / POLICY_DIR)
+    for name in one:
+        torch.testing.assert_close(fsdp[name], one[name], rtol=1e-4, atol=1e-5)
+    # a sharded checkpoint is not resumed by a DDP run
+    with pytest.raises(ValueError, match="sharded"):
+        train_sft(SFTConfig(init=str(tiny_policy), tokenizer=str(stories_tokenizer), data=[str(sft_prompts_file)],
+                            format="prompts", prompt_format="plain", out_dir=str(tmp_path / "fsdp"), seq_len=32,
+                            global_batch_rows=2, micro_batch_rows=1, learning_rate=1e-2, epochs=None, max_steps=4))
