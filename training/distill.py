@@ -3,6 +3,7 @@
 python -m training.distill --policy CKPT --tokenizer PATH --prompts PATH
     (--safety-reward-model DIR | --reward-fn M:F) [--preprompt generic|risk-category] --out DIR
     [SFT options: --learning-rate, --epochs | --max-steps, ...]
+Several processes: torchrun --nproc-per-node N -m training.distill ... (rank 0 samples and scores, all fine-tune).
 
 The policy answers every prompt twice, with and without a safety preprompt (the generic one, or with
 `--preprompt risk-category` the template of the prompt's `risk_category`: the report's three categories, the
@@ -37,12 +38,16 @@ from typing import Any
 
 import torch
 
+from training.engine import setup_distributed
 from training.llama.tokenizer import Tokenizer
 from training.prompts import PromptRecord, read_prompts
 from training.reward_sources import RewardModelSource, RewardSource, reward_source
 from training.sampling import SamplingSettings, check_vocabulary, find_tokenizer, load_policy, sample_answers
 from training.sft import POLICY_DIR, train_sft
 from training.stages import (
+    FINISHED,
+    NOT_STARTED,
+    SAMPLED,
     FineTuneOptions,
     StageProgress,
     add_finetune_arguments,
@@ -52,6 +57,7 @@ from training.stages import (
     emit_steps,
     finetune_config,
     finished_stage,
+    stage_status,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -157,7 +163,7 @@ class DistillConfig(FineTuneOptions):
                 "min_improvement": self.min_improvement, "safety": [self.safety_reward_model, self.reward_fn]}
 
 
-def safety_source(config: DistillConfig) -> RewardSource:
+def safety_source(config: DistillConfig, device: torch.device | str | None = None) -> RewardSource:
     """The safety reward model or the safety function the config names."""
     if config.reward_fn is not None:
         if config.safety_reward_model is not None:
@@ -165,7 +171,7 @@ def safety_source(config: DistillConfig) -> RewardSource:
         return reward_source(reward_fn=config.reward_fn)
     if config.safety_reward_model is None:
         raise ValueError("give --safety-reward-model (or --reward-fn, a function scoring safety)")
-    return RewardModelSource(safety=config.safety_reward_model, device=config.device)
+    return RewardModelSource(safety=config.safety_reward_model, device=device)
 
 
 def safety_scores(source: RewardSource, records: Sequence[PromptRecord], responses: Sequence[str]) -> list[float]:
@@ -193,7 +199,7 @@ def _category_counts(pairs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any
 
 
 def _sample_and_select(config: DistillConfig, source: RewardSource, out_dir: Path,
-                       progress: Callable[[StageProgress], None] | None) -> dict[str, Any]:
+                       progress: Callable[[StageProgress], None] | None, device: torch.device) -> dict[str, Any]:
     """Sample with and without the preprompt, score both, keep the improvements; write the files and the marker."""
     records = read_prompts(config.prompts)
     chosen = [choose_preprompt(r, config.preprompt) for r in records]
@@ -201,7 +207,7 @@ def _sample_and_select(config: DistillConfig, source: RewardSource, out_dir: Pat
     tokenizer = Tokenizer(find_tokenizer(config.policy, config.tokenizer))
 
     t0 = time.monotonic()
-    model = load_policy(config.policy, device=config.device)
+    model = load_policy(config.policy, device=device)
     check_vocabulary(model, tokenizer)
     n = len(records)
     tell = emit(progress, "sampling")
@@ -260,15 +266,17 @@ def run_distillation(config: DistillConfig, *, source: RewardSource | None = Non
         torch.set_num_threads(config.num_threads)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report_path = out_dir / REPORT_FILE
-    marker = finished_stage(out_dir / MARKER_FILE, config.signature)
-    if marker is not None and report_path.is_file():
-        done = json.loads(report_path.read_text(encoding="utf-8"))
-        if done.get("sft") is None or done["sft"].get("stopped") == "completed":
-            return done  # type: ignore[no-any-return]
-    resumed = marker is not None
-    if marker is None:
-        marker = _sample_and_select(config, source or safety_source(config), out_dir, progress)
+    report_path, marker_path = out_dir / REPORT_FILE, out_dir / MARKER_FILE
+    dist_ = setup_distributed(config.device)
+    status = stage_status(dist_, marker_path, report_path, config.signature)
+    if status == FINISHED:
+        return json.loads(report_path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    if status == NOT_STARTED:
+        if dist_.is_main:  # under torchrun one process samples, then all fine-tune
+            _sample_and_select(config, source or safety_source(config, dist_.device), out_dir, progress, dist_.device)
+        dist_.barrier()
+    marker = finished_stage(marker_path, config.signature)
+    assert marker is not None
 
     t0 = time.monotonic()
     sft_summary: dict[str, Any] | None = None
@@ -278,12 +286,13 @@ def run_distillation(config: DistillConfig, *, source: RewardSource | None = Non
         sft_summary = sft.to_dict()
         sft_summary.pop("history")
     report = {**{k: v for k, v in marker.items() if k != "signature"},
-              "sampling_resumed": resumed,
+              "sampling_resumed": status == SAMPLED,
               "policy_dir": str(out_dir / POLICY_DIR) if sft_summary else None,
               "sft": sft_summary,
               "config": asdict(config)}
     report["timings"] = {**marker["timings"], "sft_s": time.monotonic() - t0}
-    write_json_atomic(report_path, report)
+    if dist_.is_main:
+        write_json_atomic(report_path, report)
     return report
 
 
@@ -317,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    if setup_distributed(args.device).is_main:
+        print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -3,6 +3,8 @@
 python -m training.rejection_sampling --policy CKPT --tokenizer PATH --prompts PATH
     (--reward-model DIR [--safety-reward-model DIR] | --reward-fn M:F) --samples K [--temperature T]
     [--pool DIR...] [--uncertainty-coef C] --out DIR  [SFT options: --learning-rate, --epochs | --max-steps, ...]
+Several processes: torchrun --nproc-per-node N -m training.rejection_sampling ... (rank 0 samples and scores on
+its device, then all fine-tune with DDP).
 
 One iteration: the policy draws K answers to every prompt (batched and KV-cached, `training.sampling`), each is
 scored with the report's combined reward (`training.reward_sources`), and per prompt the highest-scoring answer is
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from training.engine import setup_distributed
 from training.llama.tokenizer import Tokenizer
 from training.prompts import PromptFormatError, PromptRecord, parse_prompt, read_prompts
 from training.reward_sources import (
@@ -46,6 +49,9 @@ from training.reward_sources import (
 from training.sampling import SamplingSettings, check_vocabulary, find_tokenizer, load_policy, sample_answers
 from training.sft import POLICY_DIR, train_sft
 from training.stages import (
+    FINISHED,
+    NOT_STARTED,
+    SAMPLED,
     FineTuneOptions,
     StageProgress,
     add_finetune_arguments,
@@ -55,6 +61,7 @@ from training.stages import (
     emit_steps,
     finetune_config,
     finished_stage,
+    stage_status,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -226,7 +233,7 @@ def select_best(current: Sequence[Candidate], earlier: Sequence[Candidate]) -> d
 
 
 def _sample_and_select(config: RejectionSamplingConfig, source: RewardSource, out_dir: Path,
-                       progress: Callable[[StageProgress], None] | None) -> dict[str, Any]:
+                       progress: Callable[[StageProgress], None] | None, device: torch.device) -> dict[str, Any]:
     """Sample, score, select and pool; write samples.jsonl, best.jsonl and the marker. Returns the marker."""
     records = read_prompts(config.prompts)
     earlier = read_pool(config.pool)
@@ -234,7 +241,7 @@ def _sample_and_select(config: RejectionSamplingConfig, source: RewardSource, ou
     tokenizer = Tokenizer(find_tokenizer(config.policy, config.tokenizer))
 
     t0 = time.monotonic()
-    model = load_policy(config.policy, device=config.device)
+    model = load_policy(config.policy, device=device)
     check_vocabulary(model, tokenizer)
     samples = sample_answers(model, tokenizer, records, config.sampling, samples_per_prompt=config.samples,
                              seed=config.seed, progress=emit(progress, "sampling"))
@@ -310,20 +317,22 @@ def run_rejection_sampling(config: RejectionSamplingConfig, *, source: RewardSou
         torch.set_num_threads(config.num_threads)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report_path = out_dir / REPORT_FILE
-    marker = finished_stage(out_dir / MARKER_FILE, config.signature)
-    if marker is not None and report_path.is_file():
-        done = json.loads(report_path.read_text(encoding="utf-8"))
-        if done.get("sft", {}).get("stopped") == "completed":
-            return done  # type: ignore[no-any-return]
-    resumed = marker is not None
-    if marker is None:
-        if source is None:
-            if config.reward_fn is None and config.reward_model is None and config.safety_reward_model is None:
-                raise ValueError("give --reward-model and/or --safety-reward-model, or --reward-fn")
-            source = reward_source(reward_model=config.reward_model, safety_reward_model=config.safety_reward_model,
-                                   reward_fn=config.reward_fn, device=config.device)
-        marker = _sample_and_select(config, source, out_dir, progress)
+    report_path, marker_path = out_dir / REPORT_FILE, out_dir / MARKER_FILE
+    dist_ = setup_distributed(config.device)
+    status = stage_status(dist_, marker_path, report_path, config.signature)
+    if status == FINISHED:
+        return json.loads(report_path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    if status == NOT_STARTED:
+        if dist_.is_main:  # under torchrun one process samples, then all fine-tune
+            if source is None:
+                if config.reward_fn is None and config.reward_model is None and config.safety_reward_model is None:
+                    raise ValueError("give --reward-model and/or --safety-reward-model, or --reward-fn")
+                source = reward_source(reward_model=config.reward_model, safety_reward_model=config.safety_reward_model,
+                                       reward_fn=config.reward_fn, device=dist_.device)
+            _sample_and_select(config, source, out_dir, progress, dist_.device)
+        dist_.barrier()
+    marker = finished_stage(marker_path, config.signature)
+    assert marker is not None
 
     t0 = time.monotonic()
     sft = train_sft(finetune_config(config, init=config.policy, data=out_dir / BEST_FILE, out_dir=out_dir),
@@ -331,12 +340,13 @@ def run_rejection_sampling(config: RejectionSamplingConfig, *, source: RewardSou
     sft_summary = sft.to_dict()
     sft_summary.pop("history")
     report = {**{k: v for k, v in marker.items() if k != "signature"},
-              "sampling_resumed": resumed,
+              "sampling_resumed": status == SAMPLED,
               "policy_dir": str(out_dir / POLICY_DIR),
               "sft": sft_summary,
               "config": asdict(config)}
     report["timings"] = {**marker["timings"], "sft_s": time.monotonic() - t0}
-    write_json_atomic(report_path, report)
+    if dist_.is_main:
+        write_json_atomic(report_path, report)
     return report
 
 
@@ -370,8 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if bar is not None:
             bar.close()
-    summary = {k: v for k, v in report.items() if k != "config"}
-    print(json.dumps(summary, indent=2))
+    if setup_distributed(args.device).is_main:
+        print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

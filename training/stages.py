@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.engine import StepProgress
+from training.engine import Distributed, StepProgress
 from training.prompts import PROMPT_FORMATS
 from training.sft import SFTConfig
 
@@ -126,6 +126,23 @@ def finished_stage(marker: Path, signature: Mapping[str, Any]) -> dict[str, Any]
         raise ValueError(f"{marker.parent} holds a run with other settings ({marker.name}: {found.get('signature')}; "
                          f"now {dict(signature)}): use another output directory or remove it")
     return found  # type: ignore[no-any-return]
+
+
+NOT_STARTED, SAMPLED, FINISHED = 0, 1, 2
+
+
+def stage_status(dist_: Distributed, marker: Path, report: Path, signature: Mapping[str, Any]) -> int:
+    """Where a stage in this directory stands, as rank 0 sees it and the same on every process: NOT_STARTED,
+    SAMPLED (the sampling stage finished; SFT to run or resume) or FINISHED (the report says SFT completed, or that
+    there was nothing to fine-tune on)."""
+    status = NOT_STARTED
+    if dist_.is_main and finished_stage(marker, signature) is not None:
+        status = SAMPLED
+        if report.is_file():
+            sft = json.loads(report.read_text(encoding="utf-8")).get("sft")
+            if sft is None or sft.get("stopped") == "completed":
+                status = FINISHED
+    return dist_.broadcast_int(status)
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning

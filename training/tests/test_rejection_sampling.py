@@ -1,8 +1,12 @@
 import itertools
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +29,7 @@ from training.reward_sources import RewardFunctionSource, RewardScores
 from training.stages import read_jsonl
 from training.tests import reward_functions
 
+REPO = Path(__file__).resolve().parents[2]
 LENGTH_FN = "training.tests.reward_functions:response_length"
 PROMPTS = ["Once upon a time", "One day, Tim", "Lily saw a", "The little girl"]
 
@@ -249,3 +254,22 @@ def test_the_cli_writes_its_outputs_and_refuses_bad_input(tmp_path, tiny_policy,
                  "--out", str(tmp_path / "f")]) == 2
     assert "no function 'nope'" in capsys.readouterr().err
     assert math.isfinite(printed["timings"]["samples_per_s"])
+
+
+def test_two_processes_sample_once_and_fine_tune_as_one(tmp_path, tiny_policy, stories_tokenizer, rs_prompts):
+    args = ["--policy", str(tiny_policy), "--tokenizer", str(stories_tokenizer), "--prompts", str(rs_prompts),
+            "--reward-fn", LENGTH_FN, "--samples", "3", "--prompt-format", "plain", "--max-new-tokens", "8",
+            "--max-steps", "2", "--global-batch-rows", "2", "--micro-batch-rows", "1", "--seq-len", "32",
+            "--learning-rate", "1e-2", "--threads", "1", "--quiet"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                          "training.rejection_sampling", *args, "--out", str(tmp_path / "ddp")],
+                         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads(two.stdout[two.stdout.index("{"):])["sft"]["steps"] == 2  # printed once
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "ddp" / BEST_FILE).read_text() == (tmp_path / "one" / BEST_FILE).read_text()
+    one, _ = load_checkpoint(tmp_path / "one" / "policy")
+    ddp, _ = load_checkpoint(tmp_path / "ddp" / "policy")
+    for (name, x), y in zip(one.state_dict().items(), ddp.state_dict().values(), strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=name)
