@@ -168,6 +168,7 @@ class FineTuneOptions:
     schedule: str = "cosine"
     min_warmup_steps: int = 5
     checkpoint_every: int = 50
+    sharding: str = "ddp"  # under torchrun: ddp or fsdp (training.sft)
     seed: int = 0
     device: str | None = None
     num_threads: int | None = None
@@ -210,6 +211,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                              ("seed", int, "sampling and SFT seed (default 0)")):
         parser.add_argument(f"--{name}", type=kind, default=None, help=what)
     parser.add_argument("--schedule", default=None, choices=("cosine", "constant"))
+    parser.add_argument("--fsdp", dest="sharding", action="store_const", const="fsdp", default=None,
+                        help="under torchrun, fine-tune with FSDP instead of DDP")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", dest="num_threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -80,6 +80,20 @@ def test_the_expected_max_is_the_mean_over_every_subset_and_rises_with_n():
         expected_max_of_n(rewards, 8)
 
 
+def test_the_sft_options_reach_training_sft(tmp_path):
+    from training.rejection_sampling import build_parser
+    from training.stages import config_values, finetune_config
+
+    args = build_parser().parse_args(["--policy", "p", "--prompts", "x.jsonl", "--samples", "2", "--out", "o",
+                                      "--max-steps", "7", "--learning-rate", "3e-4", "--seq-len", "48", "--fsdp",
+                                      "--global-batch-rows", "6", "--micro-batch-rows", "3", "--prompt-format", "plain"])
+    config = RejectionSamplingConfig(**config_values(args))
+    sft = finetune_config(config, init="p", data=tmp_path / "best.jsonl", out_dir=tmp_path)
+    assert (sft.init, sft.data, sft.format, sft.out_dir) == ("p", [str(tmp_path / "best.jsonl")], "prompts", str(tmp_path))
+    assert (sft.max_steps, sft.epochs, sft.learning_rate, sft.seq_len) == (7, None, 3e-4, 48)
+    assert (sft.global_batch_rows, sft.micro_batch_rows, sft.prompt_format, sft.sharding) == (6, 3, "plain", "fsdp")
+
+
 # ---------------------------------------------------------------------------------------------- selection
 
 
