@@ -8,8 +8,8 @@ Several processes: torchrun --nproc-per-node N -m training.ppo ... (DDP; gloo on
 One iteration (Llama 2, section 3.2.3; the details after Huang et al. 2024, "The N+ Implementation Details of
 RLHF with PPO"):
 1. Rollout: B prompts, one answer each at temperature 1 (batched, KV-cached), cut at EOS, which stays the last
-   response token. Each process samples its share of every minibatch, in chunks seeded by their place in the
-   global batch, so the answers do not depend on the number of processes.
+   response token. Each process samples its share of every minibatch in one batch, every sequence from a random
+   stream seeded by its place in the global batch, so the answers do not depend on the number of processes.
 2. Scoring: R = whiten(logit(R_c)) over the global batch (training.reward_sources), an answer that never reached
    EOS optionally penalised; the policy's, the reference's and the value model's view of every response token.
 3. Rewards and advantages: per token -beta * (log pi - log pi_0), the score added on the last response token;
@@ -20,7 +20,8 @@ RLHF with PPO"):
 The value model is its own transformer with a scalar head, initialised from the (helpfulness, else safety)
 reward model, or from the policy with a zero head when the reward is a function or the reward model reads another
 vocabulary. Early stopping on held-out prompts keeps the best policy. Writes DIR/policy (the layout of --policy),
-DIR/ppo_report.json, and DIR/train_state.pt after every iteration (a stopped run goes on from there).
+DIR/ppo_report.json, and DIR/train_state.pt after every iteration (`--checkpoint-every`; a stopped run goes on
+from there).
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.engine import Distributed, Engine, OptimizerSettings, seed_everything, setup_distributed
+from training.engine import (
+    Distributed,
+    Engine,
+    OptimizerSettings,
+    run_main,
+    seed_everything,
+    setup_distributed,
+)
 from training.llama.checkpoint import load_checkpoint
 from training.llama.generation import generate
 from training.llama.model import Transformer
@@ -73,7 +81,7 @@ class PPOConfig:
     iterations: int = 200
     batch_size: int = 512  # sequences an iteration, over all processes
     minibatch_size: int = 64  # sequences a gradient step, over all processes
-    rollout_chunk: int | None = None  # sequences a generate() call; default: a process's share of a minibatch
+    rollout_batch_size: int | None = None  # sequences a generate() call; default: all of a process's share
     max_new_tokens: int = 128
     temperature: float = 1.0  # rollouts, and the log-probs of training (the same temperature)
     top_p: float = 1.0
@@ -93,6 +101,7 @@ class PPOConfig:
     eval_every: int = 10  # iterations between evaluations on the held-out prompts (0: never)
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping
     max_minutes: float | None = None
+    checkpoint_every: int = 1  # iterations between checkpoints (0: only when the run stops early)
     stop_after_iterations: int | None = None  # stop (checkpointed) here, the plan unchanged
     resume: bool = True
     seed: int = 0
@@ -111,16 +120,14 @@ class PPOConfig:
             raise ValueError(f"batch size {self.batch_size} is not a multiple of the minibatch size {self.minibatch_size}")
         if self.minibatch_size % world_size:
             raise ValueError(f"minibatch size {self.minibatch_size} does not divide over {world_size} processes")
-        if (self.minibatch_size // world_size) % self.chunk(world_size):
-            raise ValueError(f"rollout chunk {self.chunk(world_size)} must divide a process's share of a minibatch "
-                             f"({self.minibatch_size // world_size})")
+        if self.rollout_batch_size is not None and self.rollout_batch_size < 1:
+            raise ValueError(f"rollout_batch_size must be positive, got {self.rollout_batch_size}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be 0 or more, got {self.checkpoint_every}")
         if not 0 < self.temperature:
             raise ValueError(f"temperature must be positive for PPO rollouts, got {self.temperature}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-
-    def chunk(self, world_size: int) -> int:
-        return self.rollout_chunk or self.minibatch_size // world_size
 
 
 @dataclass
@@ -333,32 +340,32 @@ class _PPORun:
         random.Random(f"ppo:{self.config.seed}:{epoch}").shuffle(order)
         return order[offset]
 
-    def local_chunks(self) -> list[int]:
-        """The chunks of the global batch this process samples: its share of every minibatch."""
-        config, world = self.config, self.dist.world_size
-        share, chunk = config.minibatch_size // world, config.chunk(world)
-        out = []
-        for start in range(0, config.batch_size, config.minibatch_size):
-            first = start + self.dist.rank * share
-            out += [(first + k) // chunk for k in range(0, share, chunk)]
-        return out
+    def local_indices(self) -> list[int]:
+        """The places in the global batch of this process's sequences: its share of every minibatch."""
+        config = self.config
+        share = config.minibatch_size // self.dist.world_size
+        return [start + self.dist.rank * share + k
+                for start in range(0, config.batch_size, config.minibatch_size) for k in range(share)]
 
     # -- one iteration
 
     @torch.no_grad()
     def rollout(self, iteration: int) -> tuple[list[int], list[list[int]], list[bool]]:
         """Sample this process's sequences: (prompt indices, responses ending with EOS where reached, finished)."""
-        config, chunk = self.config, self.config.chunk(self.dist.world_size)
+        config = self.config
         policy = self.model.policy
         policy.eval()
         prompts, responses, finished = [], [], []
         eos = self.tokenizer.eos_id
-        for k in self.local_chunks():
-            indices = [self.prompt_of(iteration, g) for g in range(k * chunk, (k + 1) * chunk)]
+        places = self.local_indices()
+        size = config.rollout_batch_size or len(places)
+        for start in range(0, len(places), size):
+            batch = places[start:start + size]
+            indices = [self.prompt_of(iteration, g) for g in batch]
             ids = [self.train_ids[i] for i in indices]
+            row_seeds = [(config.seed * 1_000_003 + iteration) * 100_003 + g for g in batch]
             out = generate(policy, ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                           top_p=config.top_p, eos_id=eos, seed=(config.seed * 1_000_003 + iteration) * 100_003 + k,
-                           return_logprobs=False)
+                           top_p=config.top_p, eos_id=eos, row_seeds=row_seeds, return_logprobs=False)
             for i, p, tokens in zip(indices, ids, out.tokens, strict=True):
                 budget = min(config.max_new_tokens, policy.args.max_seq_len - len(p))
                 done = len(tokens) < budget
@@ -513,7 +520,7 @@ def train_ppo(config: PPOConfig, *, source: RewardSource | None = None,
         if reason is not None:
             stopped = reason
             break
-        if run.iteration < config.iterations:
+        if config.checkpoint_every and run.iteration % config.checkpoint_every == 0 and run.iteration < config.iterations:
             run.checkpoint()
     if stopped in ("max_minutes", "stop_after_iterations"):
         run.checkpoint()  # an interrupted run goes on from here
@@ -544,11 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_reward_arguments(parser)
     parser.add_argument("--out", required=True, help="output directory (policy/, ppo_report.json, train_state.pt)")
     parser.add_argument("--prompt-format", default="chat", choices=PROMPT_FORMATS)
-    for name, kind in (("iterations", int), ("batch-size", int), ("minibatch-size", int), ("rollout-chunk", int),
+    for name, kind in (("iterations", int), ("batch-size", int), ("minibatch-size", int), ("rollout-batch-size", int),
                        ("max-new-tokens", int), ("temperature", float), ("top-p", float), ("kl-coef", float),
                        ("learning-rate", float), ("vf-coef", float), ("clip-range", float), ("missing-eos-penalty", float),
                        ("uncertainty-coef", float), ("eval-fraction", float), ("eval-every", int),
-                       ("early-stopping-patience", int), ("max-minutes", float), ("stop-after-iterations", int),
+                       ("early-stopping-patience", int), ("max-minutes", float), ("checkpoint-every", int), ("stop-after-iterations", int),
                        ("seed", int)):
         parser.add_argument(f"--{name}", type=kind, default=None)
     resume = parser.add_mutually_exclusive_group()
@@ -581,10 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = result.to_dict()
         summary.pop("history")
         print(json.dumps({"result": summary}), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -27,7 +27,47 @@ class GenerationResult:
     logprobs: list[list[float]] | None
 
 
-def sample_top_p_sorted(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+class RowGenerators:
+    """One random stream per row of a batch, seeded each by its own seed.
+
+    A row's draws then depend on its seed and its own history only, never on which other rows share its batch:
+    the same sequence is sampled whether it is generated alone, in a batch of 4 or of 64 (PPO relies on this to
+    give each process of a distributed run the answers one process would draw). A draw is made only for the rows
+    that need one (`rows`), so rejection rounds of other rows do not advance a row's stream.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str | None = None):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def uniform(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(n_rows, 1) uniforms in [0, 1): drawn for the rows where `rows` (bool (n_rows, 1)) is True, 0 elsewhere."""
+        wanted = [True] * len(self) if rows is None else rows.squeeze(-1).tolist()
+        return torch.stack([
+            torch.rand(1, generator=g, device=self.device) if w else torch.zeros(1, device=self.device)
+            for g, w in zip(self.generators, wanted, strict=True)
+        ])
+
+    def subset(self, indices: Sequence[int]) -> RowGenerators:
+        out = RowGenerators([], self.device)
+        out.generators = [self.generators[i] for i in indices]
+        return out
+
+
+Generator = torch.Generator | RowGenerators
+
+
+def _uniform(n: int, generator: Generator | None, device: torch.device, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, 1) uniforms: from one stream for the batch, or from each row's own (only where `rows`)."""
+    if isinstance(generator, RowGenerators):
+        return generator.uniform(rows).to(device)
+    return torch.rand(n, 1, generator=generator, device=device)
+
+
+def sample_top_p_sorted(probs: torch.Tensor, p: float, generator: Generator | None = None) -> torch.Tensor:
     """Meta's `sample_top_p`: sort, keep the smallest set of tokens whose probability reaches p, sample.
 
     probs: (bsz, vocab_size), rows summing to 1. Returns (bsz, 1) token ids.
@@ -36,11 +76,15 @@ def sample_top_p_sorted(probs: torch.Tensor, p: float, generator: torch.Generato
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # Drop a token when the tokens ranked above it already reach p (the top token always stays).
     probs_sort[probs_sum - probs_sort > p] = 0.0
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # multinomial renormalises
+    if isinstance(generator, RowGenerators):  # each row from its own stream
+        next_token = torch.cat([torch.multinomial(row[None], 1, generator=g)
+                                for row, g in zip(probs_sort, generator.generators, strict=True)])
+    else:
+        next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # multinomial renormalises
     return torch.gather(probs_idx, -1, next_token)
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None,
+def sample_top_p(probs: torch.Tensor, p: float, generator: Generator | None = None,
                  max_rounds: int = 4) -> torch.Tensor:
     """Nucleus sampling with the distribution of `sample_top_p_sorted`, mostly without sorting the vocabulary.
 
@@ -63,20 +107,21 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     next_token = torch.zeros(probs.shape[0], 1, dtype=torch.long, device=probs.device)
     pending = torch.ones(probs.shape[0], 1, dtype=torch.bool, device=probs.device)
     for _ in range(max_rounds):
-        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+        u = _uniform(probs.shape[0], generator, probs.device, pending) * cdf[:, -1:]
         draw = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # inverse CDF: (bsz, 1)
         drawn = probs.gather(-1, draw)  # (bsz, 1), > 0
         mass_above = _mass_above(probs, drawn)
         tied = _count_tied(probs, drawn, mass_above)  # (bsz, 1), >= 1
         kept = torch.minimum(((p - mass_above) / drawn).floor() + 1, tied).clamp_(min=0)  # of the tied tokens
-        keep = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * tied < kept
+        keep = _uniform(probs.shape[0], generator, probs.device, pending) * tied < kept
         accept = pending & keep
         next_token = torch.where(accept, draw, next_token)
         pending &= ~accept
         if not bool(pending.any()):
             return next_token
     rows = pending.squeeze(-1).nonzero().squeeze(-1)
-    next_token[rows] = sample_top_p_sorted(probs[rows], p, generator)
+    rows_generator = generator.subset(rows.tolist()) if isinstance(generator, RowGenerators) else generator
+    next_token[rows] = sample_top_p_sorted(probs[rows], p, rows_generator)
     return next_token
 
 
@@ -111,10 +156,10 @@ def _count_tied(probs: torch.Tensor, drawn: torch.Tensor, mass_above: torch.Tens
     return tied
 
 
-def sample_full(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_full(probs: torch.Tensor, generator: Generator | None = None) -> torch.Tensor:
     """One token per row of probs (bsz, vocab_size) by inverse CDF: (bsz, 1) ids, as torch.multinomial draws."""
     cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    u = _uniform(probs.shape[0], generator, probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -124,7 +169,7 @@ def sample_next_token(
     temperature: float,
     top_p: float,
     top_k: int | None,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens (bsz,) from float32 logits (bsz, vocab_size) and their log-probs (bsz,).
 
@@ -196,6 +241,7 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None,
     seed: int | None = None,
+    row_seeds: Sequence[int] | None = None,
     return_logprobs: bool = True,
 ) -> GenerationResult:
     """Sample up to `max_new_tokens` tokens after each prompt, all prompts in one batch.
@@ -203,10 +249,14 @@ def generate(
     Temperature 0 is greedy decoding. A sequence stops at `eos_id` (excluded from its tokens; None: never)
     and, as in Meta's code, when it holds max_seq_len tokens with its prompt: a long prompt in the batch does
     not shorten the others' completions. `seed` makes the sampling reproducible (it uses
-    its own torch.Generator, not the global one). The log-probs are those of `sample_next_token`: the
-    temperature-scaled distribution before top-k/top-p truncation.
+    its own torch.Generator, not the global one); `row_seeds`, one per prompt, gives each sequence a random
+    stream of its own (`RowGenerators`), so that it is sampled the same whatever else shares its batch. The
+    log-probs are those of `sample_next_token`: the temperature-scaled distribution before top-k/top-p
+    truncation.
     """
     _validate(model, prompt_tokens, max_new_tokens, temperature, top_p, top_k)
+    if row_seeds is not None and (seed is not None or len(row_seeds) != len(prompt_tokens)):
+        raise ValueError("give seed or row_seeds (one per prompt), not both")
     device = model.tok_embeddings.weight.device
     bsz = len(prompt_tokens)
     prompt_lens = [len(p) for p in prompt_tokens]
@@ -217,10 +267,12 @@ def generate(
     n_steps = max(budgets)
     total_len = max_prompt_len + n_steps
 
-    generator = None
+    generator: Generator | None = None
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
+    elif row_seeds is not None:
+        generator = RowGenerators(row_seeds, device)
 
     # Left-padded prompts: (bsz, max_prompt_len); padding positions get token 0 and are masked out.
     prompts = torch.zeros(bsz, max_prompt_len, dtype=torch.long)

@@ -183,7 +183,7 @@ def test_kill_9_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_pat
 def test_distributed_two_processes_match_one(tmp_path, tiny_policy, stories_tokenizer, story_prompts):
     args = ["--policy", str(tiny_policy), "--tokenizer", str(stories_tokenizer), "--prompts", str(story_prompts),
             "--reward-fn", E_FN, "--prompt-format", "plain", "--iterations", "2", "--batch-size", "8",
-            "--minibatch-size", "4", "--rollout-chunk", "2", "--max-new-tokens", "8", "--learning-rate", "1e-3",
+            "--minibatch-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-3",
             "--eval-every", "0", "--threads", "1"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "training.ppo", *args, "--out", str(tmp_path / "ddp")], cwd=REPO,

@@ -293,3 +293,22 @@ def test_ties_in_a_large_vocabulary_decoding_batch_are_counted():
     draws = torch.cat([sample_top_p(probs.repeat(50, 1), 0.6, generator).squeeze(-1) for _ in range(300)])
     assert set(draws.tolist()) <= {3, 11_000, 19_999}
     assert abs((draws == 3).float().mean().item() - 2 / 3) < 0.015  # Meta's nucleus: 0.5 and one 0.25
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_row_seeds_sample_a_sequence_alike_whatever_shares_its_batch(top_p):
+    """With a seed per row, a prompt's completion does not depend on the other prompts of its batch."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                                  max_seq_len=64)).eval()
+    prompts = [[1, 5, 9], [1, 7], [1, 3, 4, 8, 2], [1, 6, 6]]
+    kwargs = dict(max_new_tokens=12, temperature=1.0, top_p=top_p, eos_id=None)
+    together = generate(model, prompts, row_seeds=[10, 11, 12, 13], **kwargs).tokens
+    alone = [generate(model, [p], row_seeds=[10 + i], **kwargs).tokens[0] for i, p in enumerate(prompts)]
+    pairs = generate(model, prompts[2:], row_seeds=[12, 13], **kwargs).tokens
+    assert together == alone
+    assert together[2:] == pairs
+    shared = generate(model, prompts, seed=10, **kwargs).tokens
+    assert shared != together  # one stream for the batch is another draw
+    with pytest.raises(ValueError, match="seed or row_seeds"):
+        generate(model, prompts, seed=1, row_seeds=[1, 2, 3, 4], **kwargs)
