@@ -10,9 +10,9 @@ The combined reward (Llama 2, section 3.2.3):
     R   = whiten(logit(R_c))
 
 The report's reward models give probabilities (R_s < 0.15 is a probability threshold); ours give the logit of
-that probability, the raw score of the ranking loss. So R_h = sigmoid(score_h) and R_s = sigmoid(score_s), and
-`logit` turns the chosen probability back into a score (in float64, clamped at 1e-12 from 0 and 1: scores within
-+-27.6 come back as they were). A reward function's values are read the same way, as scores.
+that probability, the raw score of the ranking loss. So R_s = sigmoid(score_s), and logit(R_c) is the chosen
+model's own score: it is taken as it is, with no round trip through a probability that would clamp large scores
+(a rule-based reward of 30 would come back as 27.6 and tie with 40). A reward function's values are scores too.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import torch
 from training.prompts import PromptRecord
 
 SAFETY_THRESHOLD = 0.15  # Table/section 3.2.3: precision 0.89, recall 0.55 on the safety test set
-LOGIT_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -46,12 +45,6 @@ class RewardSource(Protocol):
     def score(self, records: Sequence[PromptRecord], responses: Sequence[str]) -> RewardScores: ...
 
 
-def logit(p: torch.Tensor, eps: float = LOGIT_EPS) -> torch.Tensor:
-    """log(p / (1 - p)) in float64, p clamped to [eps, 1 - eps]."""
-    p = p.double().clamp(eps, 1 - eps)
-    return torch.log(p) - torch.log1p(-p)
-
-
 def whiten(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the batch (population std); with shift_mean False the mean is put back."""
     mean, var = x.mean(), x.var(correction=0)
@@ -61,21 +54,15 @@ def whiten(x: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> to
 
 def piecewise_reward(scores: RewardScores, safety_prompts: torch.Tensor, *,
                      threshold: float = SAFETY_THRESHOLD) -> torch.Tensor:
-    """logit(R_c) (n,): the safety score where the prompt is a safety prompt or R_s < threshold, else helpfulness.
-
-    With one of the two models only, its score. `safety_prompts` is a bool tensor (n,).
-    """
+    """logit(R_c) (n,): the safety score where the prompt is a safety prompt or sigmoid(safety score) < threshold,
+    else the helpfulness score. With one of the two models only, its score. `safety_prompts` is bool (n,)."""
     h, s = scores.helpfulness, scores.safety
     if h is None and s is None:
         raise ValueError("no reward scores")
-    if s is None:
-        assert h is not None
-        return logit(torch.sigmoid(h.double())).float()
-    if h is None:
-        return logit(torch.sigmoid(s.double())).float()
-    p_h, p_s = torch.sigmoid(h.double()), torch.sigmoid(s.double())
-    use_safety = safety_prompts.to(torch.bool) | (p_s < threshold)
-    return logit(torch.where(use_safety, p_s, p_h)).float()
+    if s is None or h is None:
+        return next(t for t in (h, s) if t is not None).float()
+    use_safety = safety_prompts.to(torch.bool) | (torch.sigmoid(s.double()) < threshold)
+    return torch.where(use_safety, s.float(), h.float())
 
 
 def uncertainty_penalty(scores: RewardScores, safety_prompts: torch.Tensor, coef: float,

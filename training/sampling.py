@@ -46,9 +46,15 @@ class Sample:
     finished: bool  # the model ended it with EOS (else it ran out of tokens)
 
 
+def default_device() -> torch.device:
+    """The GPU where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_policy(path: str | Path, *, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None) -> Transformer:
-    """A policy checkpoint (Meta or Hugging Face directory) in eval mode."""
+    """A policy checkpoint (Meta or Hugging Face directory) in eval mode, on `device` (default: default_device())."""
+    device = device or default_device()
     model, _ = load_checkpoint(path, device=device, dtype=dtype)
     return model.eval()
 

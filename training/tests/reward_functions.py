@@ -22,8 +22,7 @@ def share_of_letter_e(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 def response_length(prompts: list[str], responses: list[str]) -> list[float]:
-    """The answer's length in tens of characters (many distinct values: a clear argmax; within the +-27.6 that the
-    combined reward's logit keeps exactly)."""
+    """The answer's length in tens of characters (many distinct values: a clear argmax)."""
     return [len(r) / 10 for r in responses]
 
 

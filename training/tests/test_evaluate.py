@@ -11,7 +11,6 @@ from training.reward_sources import (
     RewardScores,
     combined_reward,
     load_reward_function,
-    logit,
     piecewise_reward,
     whiten,
 )
@@ -32,13 +31,11 @@ def test_the_piecewise_reward_takes_safety_for_safety_prompts_and_below_0_15():
     torch.testing.assert_close(piecewise_reward(above, torch.tensor([False])), torch.tensor([0.3]))
 
 
-def test_logit_and_whitening_against_hand_computed_values():
-    torch.testing.assert_close(logit(torch.tensor([0.5, 0.75, 0.1], dtype=torch.float64)),
-                               torch.tensor([0.0, math.log(3.0), math.log(1 / 9)], dtype=torch.float64))
-    assert float(logit(torch.tensor([1.0]))) == pytest.approx(math.log(1e12), rel=1e-6)  # clamped
-    # a reward model's score goes through sigmoid and logit unchanged, even far from 0
-    scores = torch.tensor([-20.0, -3.0, 0.25, 12.0])
-    torch.testing.assert_close(piecewise_reward(RewardScores(helpfulness=scores), torch.zeros(4, dtype=torch.bool)),
+def test_whitening_against_hand_computed_values_and_scores_taken_as_they_are():
+    # a reward model's score (the logit of its probability) is R_c's logit as it is, even far from 0: no round trip
+    # through a probability clamps a large rule-based reward
+    scores = torch.tensor([-40.0, -3.0, 0.25, 12.0, 30.0])
+    torch.testing.assert_close(piecewise_reward(RewardScores(helpfulness=scores), torch.zeros(5, dtype=torch.bool)),
                                scores)
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population variance 3.5
     torch.testing.assert_close(whiten(x), (x - 3.0) / math.sqrt(3.5))
