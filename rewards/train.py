@@ -17,7 +17,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from rewards.configs import CONFIG_NAMES
 from rewards.data import FORMATS, PreferencePair
@@ -37,7 +36,7 @@ from rewards.trainer import (  # noqa: F401  (the names reward-model users impor
     tie_rare_embeddings,
     train_single_reward_model,
 )
-from training.engine import cosine_schedule, warmup_steps_for  # noqa: F401
+from training.engine import cosine_schedule, run_main, warmup_steps_for  # noqa: F401
 
 
 def train_reward_model(
@@ -147,10 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = result.to_dict()
         summary.pop("history")
         print(json.dumps(summary, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from training.engine import setup_distributed
+from training.engine import run_main, setup_distributed
 from training.llama.tokenizer import Tokenizer
 from training.prompts import PromptRecord, read_prompts
 from training.reward_sources import RewardModelSource, RewardSource, reward_source
@@ -328,10 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.close()
     if setup_distributed(args.device).is_main:
         print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

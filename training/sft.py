@@ -40,6 +40,7 @@ from training.engine import (
     OptimizerSettings,
     StepProgress,
     cli_progress_bar,
+    run_main,
     seed_everything,
     setup_distributed,
     split_for_rank,
@@ -415,11 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = result.to_dict()
         summary.pop("history")
         print(json.dumps(summary, indent=2))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)
 
