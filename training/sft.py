@@ -130,7 +130,7 @@ class SFTResult:
     n_examples: int
     n_skipped: int  # empty answers
     n_rows: int
-    n_truncated: int
+    n_truncated: int  # examples longer than a row: their oldest turns (then tokens) left out
     row_fill: float
     final_loss: float | None
     history: list[dict[str, Any]]
@@ -177,13 +177,27 @@ def read_examples(config: SFTConfig) -> tuple[list[Example], int]:
     return unique, skipped
 
 
-def encode_example(tokenizer: Tokenizer, example: Example, config: SFTConfig) -> tuple[list[int], list[bool]]:
-    """Token ids and loss mask of one example (answers only, or every token after BOS)."""
-    ids, mask = encode_answered(tokenizer, example.dialogue, example.answer, config.prompt_format)
-    if config.ghost_attention and example.dialogue[0]["role"] == "system":
+def encode_example(tokenizer: Tokenizer, example: Example, config: SFTConfig,
+                   seq_len: int | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids and loss mask of one example (answers only, or every token after BOS), at most seq_len long.
+
+    An example longer than a row loses its oldest exchanges (a user turn and its answer; a system turn stays),
+    and if the last user turn and the answer alone are still too long, their oldest tokens after BOS: the answer,
+    which is what is learnt, is kept (as rewards.data.render_reply keeps the reply a reward model scores).
+    """
+    dialogue = list(example.dialogue)
+    while True:
+        ids, mask = encode_answered(tokenizer, dialogue, example.answer, config.prompt_format)
+        head = 1 if dialogue[0]["role"] == "system" else 0
+        if seq_len is None or len(ids) <= seq_len or len(dialogue) - head < 3:
+            break
+        dialogue = dialogue[:head] + dialogue[head + 2:]
+    if config.ghost_attention and dialogue[0]["role"] == "system":
         mask = last_answer_only(ids, mask)
     if config.loss_on == "all":
         mask = [False, *([True] * (len(ids) - 1))]
+    if seq_len is not None and len(ids) > seq_len:
+        ids, mask = [ids[0], *ids[len(ids) - seq_len + 1:]], [False, *mask[len(mask) - seq_len + 1:]]
     return ids, mask
 
 
@@ -196,8 +210,12 @@ def last_answer_only(ids: Sequence[int], mask: Sequence[bool]) -> list[bool]:
     return out
 
 
-def pack_rows(tokenizer: Tokenizer, examples: Sequence[Example], config: SFTConfig, seq_len: int) -> PackedBatch:
-    return pack_examples([encode_example(tokenizer, e, config) for e in examples], seq_len)
+def pack_rows(tokenizer: Tokenizer, examples: Sequence[Example], config: SFTConfig, seq_len: int) -> tuple[PackedBatch, int]:
+    """The examples packed into rows of seq_len tokens, and how many had to be shortened to fit one."""
+    encoded = [encode_example(tokenizer, e, config) for e in examples]
+    fitted = [encode_example(tokenizer, e, config, seq_len) if len(ids) > seq_len else (ids, mask)
+              for e, (ids, mask) in zip(examples, encoded, strict=True)]
+    return pack_examples(fitted, seq_len), sum(len(ids) > seq_len for ids, _ in encoded)
 
 
 def epoch_order(n_rows: int, *, seed: int, epoch: int) -> list[int]:
@@ -293,7 +311,7 @@ def train_sft(config: SFTConfig, *, progress: Callable[[StepProgress], None] | N
         raise ValueError(f"the tokenizer has {tokenizer.n_words} pieces, more than the model's vocabulary {args.vocab_size}")
     seq_len = min(config.seq_len or min(args.max_seq_len, 4096), args.max_seq_len)
     examples, skipped = read_examples(config)
-    rows = pack_rows(tokenizer, examples, config, seq_len)
+    rows, n_shortened = pack_rows(tokenizer, examples, config, seq_len)
     n_rows = rows.tokens.shape[0]
     steps_per_epoch = n_rows // config.global_batch_rows
     if steps_per_epoch == 0:
@@ -337,7 +355,7 @@ def train_sft(config: SFTConfig, *, progress: Callable[[StepProgress], None] | N
     result = SFTResult(
         out_dir=str(out_dir), policy_dir=str(out_dir / POLICY_DIR), steps=engine.step, total_steps=total_steps,
         stopped=stopped, elapsed_s=engine.elapsed(), tokens_per_s=tokens_seen / max(train_time, 1e-9),
-        n_examples=len(examples), n_skipped=skipped, n_rows=n_rows, n_truncated=rows.n_truncated,
+        n_examples=len(examples), n_skipped=skipped, n_rows=n_rows, n_truncated=n_shortened,
         row_fill=rows.fill, final_loss=run.history[-1]["loss"] if run.history else None, history=run.history,
     )
     state = engine.full_model_state()  # every process takes part when the model is sharded

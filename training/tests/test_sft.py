@@ -67,7 +67,7 @@ def test_prompt_positions_get_no_gradient(tmp_path, tiny_policy, stories_tokeniz
     config = _config(tmp_path, tiny_policy, stories_tokenizer, sft_prompts_file, global_batch_rows=1)
     tokenizer = Tokenizer(stories_tokenizer)
     examples, _ = read_examples(config)
-    rows = pack_rows(tokenizer, examples, config, 64)
+    rows, _ = pack_rows(tokenizer, examples, config, 64)
     model, _ = load_checkpoint(tiny_policy)
     grads = []
 
@@ -236,3 +236,25 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, tiny_policy, stories_
         train_sft(SFTConfig(init=str(tiny_policy), tokenizer=str(stories_tokenizer), data=[str(sft_prompts_file)],
                             format="prompts", prompt_format="plain", out_dir=str(tmp_path / "fsdp"), seq_len=32,
                             global_batch_rows=2, micro_batch_rows=1, learning_rate=1e-2, epochs=None, max_steps=4))
+
+
+def test_a_long_example_loses_its_oldest_turns_not_its_answer(stories_tokenizer):
+    tokenizer = Tokenizer(stories_tokenizer)
+    long_turn = "The dog ran and ran in the big green park with his friend. " * 4
+    dialogue = ({"role": "system", "content": "Be kind."}, {"role": "user", "content": long_turn},
+                {"role": "assistant", "content": long_turn}, {"role": "user", "content": "And then?"})
+    example = Example(dialogue, "They went home.")
+    config = SFTConfig(init="x", data=["x"])
+    whole, _ = encode_example(tokenizer, example, config)
+    ids, mask = encode_example(tokenizer, example, config, seq_len=60)
+    assert len(whole) > 60 >= len(ids)
+    learned = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip()
+    assert learned == "They went home."
+    assert "Be kind." in tokenizer.decode(ids)  # the system turn stays
+    assert "park" not in tokenizer.decode(ids)  # the oldest exchange went
+    # a last turn longer than the row: its oldest tokens go, BOS and the answer stay
+    ids, mask = encode_example(tokenizer, Example(({"role": "user", "content": long_turn * 2},), "Yes."), config,
+                               seq_len=24)
+    assert len(ids) == 24
+    assert ids[0] == tokenizer.bos_id
+    assert tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip() == "Yes."
