@@ -12,7 +12,7 @@ dialogue attending only to itself, the loss on the answers only as Llama 2's SFT
 Both models get the same tokens and `position_ids` (transformers builds its block-diagonal mask from them).
 `--engine` makes a step a whole optimizer step: ours is `training.sft`'s step on the shared training engine
 (forward with the chunked loss, backward, clipping, AdamW with the report's settings); transformers' the same
-forward/backward followed by `clip_grad_norm_` and `torch.optim.AdamW` with the same settings.
+forward/backward followed by `clip_grad_norm_` and `torch.optim.AdamW` with the same settings (both fused).
 Each implementation runs in its own child process, alternating for `--rounds` rounds, so that the peak
 resident memory is measured per implementation and machine noise hits both alike. Prints JSON.
 """
@@ -125,7 +125,9 @@ def engine_step(opts, model, inputs, targets, position_ids):
 
     import torch.nn.functional as F
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    # fused, as ours (training.engine) and as transformers' Trainer defaults to ("adamw_torch_fused")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
+                                  fused=True)
 
     def step() -> float:
         logits = model(input_ids=inputs, position_ids=position_ids, use_cache=False).logits
