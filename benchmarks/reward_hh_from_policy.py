@@ -22,7 +22,7 @@ labels), and both reward models are scored on it instead of the test split.
 The same stages by hand (DIR a work directory, PAIRS the HH file, LINES the training split's pairs in HH-RLHF
 format with their context cut to the last user turn (policy_lines), INIT a random checkpoint with its tokenizer):
     python -m training.sft --init INIT --data LINES --format hh-rlhf --both-replies --loss-on all --seq-len 256 \
-        --global-batch-rows 16 --micro-batch-rows 16 --learning-rate 2e-3 --epochs 3 --no-resume --out DIR/lm
+        --global-batch-rows 16 --micro-batch-rows 16 --learning-rate 2e-3 --epochs 6 --no-resume --out DIR/lm
     python -m training.sft --init DIR/lm/policy --data LINES --format hh-rlhf --seq-len 256 \
         --global-batch-rows 16 --micro-batch-rows 16 --learning-rate 1e-3 --epochs 2 --no-resume --out DIR/sft
     python -m rewards.train --kind safety --data PAIRS --format hh-rlhf --domain safety --no-mix --init DIR/sft/policy \
@@ -60,17 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-tokenizer", type=Path, default=DATA / "llama2-tokenizer" / "tokenizer.model")
     # the policy
     p.add_argument("--vocab", type=int, default=4096, help="pieces of the fitted tokenizer (0: the Llama 2 tokenizer)")
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256, help="tokens a packed row (and the model's context)")
     p.add_argument("--policy-context-turns", type=int, default=1,
                    help="the policy's examples keep this many newest context turns (odd; 0: all; see policy_lines)")
     # stage 1, language modelling
-    p.add_argument("--lm-epochs", type=int, default=3)
+    p.add_argument("--lm-epochs", type=int, default=6)
     p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--lm-batch-rows", type=int, default=16)
-    p.add_argument("--lm-share", type=float, default=0.5, help="at most this share of the budget")
+    p.add_argument("--lm-share", type=float, default=0.7, help="at most this share of the budget")
     # stage 2, SFT
     p.add_argument("--sft-epochs", type=int, default=2, help="0: no SFT stage")
     p.add_argument("--sft-lr", type=float, default=1e-3)
