@@ -362,7 +362,8 @@ class _RewardRun:
 
     @property
     def signature(self) -> dict[str, Any]:
-        return {"n_train": len(self.data.train)}
+        return {"n_train": len(self.data.train), "seed": self.config.seed,
+                "global_batch_size": self.config.global_batch_size}
 
     def resume(self) -> None:
         state = self.engine.resume(self.signature)
@@ -447,7 +448,8 @@ def _build_model(config: RewardTrainConfig, data: _Data, device: torch.device) -
     seed_everything(config.seed)
     torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
     if config.init is not None:
-        model = RewardModel.from_pretrained(config.init, device=device)
+        # float32 master weights: a chat model's bf16/fp16 weights would lose most of AdamW's small updates
+        model = RewardModel.from_pretrained(config.init, device=device, dtype=torch.float32)
     else:
         assert config.config is not None
         model = RewardModel.from_args(from_scratch_config(config.config).model_args(data.vocab_size), device=device)

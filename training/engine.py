@@ -20,6 +20,7 @@ The ground floor beside `training.llama`: nothing of Django, `rewards` or the po
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -98,15 +99,18 @@ def setup_distributed(device_name: str | None = None) -> Distributed:
 def run_main(main: Callable[[], int]) -> NoReturn:
     """A trainer CLI's `__main__`: run `main()` and exit with its code.
 
-    Under torchrun the processes leave the process group together (a barrier, then destroy) and exit without the
-    interpreter's teardown: with gloo, a process tearing down while its peer is still closing the group's
+    Under torchrun the processes leave the process group together (a barrier, then destroy; a failed one at
+    once) and exit without the interpreter's teardown: with gloo, a process tearing down while its peer is still closing the group's
     connections aborted now and then ("terminate called without an active exception", SIGABRT, 4 runs in 30 of
     training.sft under load), failing a run that had finished and written its results.
     """
     code = main()
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        if code == 0:
+            dist.barrier()
+            dist.destroy_process_group()
+        # a failed process leaves at once (its peers may be waiting in a collective it will never join): torchrun
+        # sees its exit code and stops them
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -400,7 +404,7 @@ class Engine:
         atomic_torch_save({
             "model": model_state, "optimizer": optimizer_state, "sharded": self.sharded,
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "step": self.step,
-            "total_steps": self.total_steps, "elapsed_s": self.elapsed(), "signature": dict(signature or {}),
+            "total_steps": self.total_steps, "elapsed_s": self.elapsed(), "signature": self._signature(signature),
             **extra,
         }, self.state_path)
 
@@ -420,9 +424,13 @@ class Engine:
         if bool(state.get("sharded", False)) != self.sharded:
             raise ValueError(f"{self.state_path} was written by a {'sharded' if state.get('sharded') else 'DDP'} run; "
                              f"resume it the same way")
-        expected = {"total_steps": self.total_steps, **(signature or {})}
-        found = {"total_steps": state.get("total_steps"), **state.get("signature", {})}
-        if any(found.get(k) != v for k, v in expected.items()):
+        expected = {"total_steps": self.total_steps, **self._signature(signature)}
+        # checkpoints written before the engine kept a signature (rewards.train until 2026-12-05) hold its keys
+        # at the top level
+        stored = state.get("signature", {k: state[k] for k in expected if k in state})
+        found = {"total_steps": state.get("total_steps"), **stored}
+        legacy = "signature" not in state  # compared on what it holds
+        if any((k in found or not legacy) and found.get(k) != v for k, v in expected.items()):
             raise ValueError(
                 f"{self.state_path} belongs to a different run ({found}; now {expected}): use another output "
                 "directory or remove it"
@@ -441,6 +449,11 @@ class Engine:
         self._elapsed_before = float(state["elapsed_s"])
         return {k: v for k, v in state.items() if k not in _ENGINE_KEYS}
 
+
+    def _signature(self, signature: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed: the trainer's plan and the optimizer's settings (a resume
+        with another learning rate would silently keep the stored one)."""
+        return {**dict(signature or {}), "optimizer_settings": dataclasses.asdict(self.settings)}
 
     def _full_states(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The model's and the optimizer's full state dicts (sharded: gathered, on rank 0 only)."""

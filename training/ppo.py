@@ -177,10 +177,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, dist: Distributed, *, shift_mean: bool = True) -> torch.Tensor:
     """Whiten x over its masked entries on all processes (population variance)."""
-    n, total, squares = dist.all_sum([float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())])
+    n, total = dist.all_sum([float(mask.sum()), float((x.double() * mask).sum())])
     mean = total / max(n, 1.0)
-    var = max(squares / max(n, 1.0) - mean * mean, 0.0)
-    out = (x - mean) / (var + 1e-8) ** 0.5
+    # the variance about the mean (not E[x^2] - mean^2, which loses the digits of scores far from 0), in float64
+    (squares,) = dist.all_sum([float((((x.double() - mean) ** 2) * mask).sum())])
+    var = squares / max(n, 1.0)
+    out = ((x.double() - mean) / (var + 1e-8) ** 0.5).to(x.dtype)
     return (out if shift_mean else out + mean) * mask
 
 
@@ -230,21 +232,35 @@ class ActorCritic(nn.Module):
         return logprobs, entropy, values
 
 
-def build_value_model(config: PPOConfig, policy: Transformer, device: torch.device) -> tuple[Transformer, nn.Linear, str]:
-    """The value model and its head, from the reward model where it reads the policy's vocabulary, else the policy."""
+def build_value_model(config: PPOConfig, policy: Transformer, tokenizer_path: Path,
+                      device: torch.device) -> tuple[Transformer, nn.Linear, str]:
+    """The value model and its head: from the reward model where it reads the policy's tokens (the same tokenizer
+    file, a context at least the policy's), else from the policy with a zero head."""
     rm_path = config.reward_model or config.safety_reward_model
     if rm_path is not None and config.reward_fn is None:
-        from rewards.model import EnsembleRewardModel, load_reward_model
+        from rewards.model import (
+            EnsembleRewardModel,
+            load_reward_model,
+            read_reward_model_info,
+            resolve_reward_model_dir,
+        )
 
-        rm, _ = load_reward_model(rm_path, device=device)
+        rm_dir = resolve_reward_model_dir(rm_path)
+        info = read_reward_model_info(rm_dir)
+        same_tokens = (rm_dir / info.tokenizer_file).read_bytes() == Path(tokenizer_path).read_bytes()
+        rm, _ = load_reward_model(rm_dir, device=device, dtype=torch.float32)
         if isinstance(rm, EnsembleRewardModel):
             rm = rm.members[0]  # one member's weights start the value model
-        if rm.args.vocab_size == policy.args.vocab_size:
+        if same_tokens and rm.args.max_seq_len >= policy.args.max_seq_len:
             return rm.transformer, rm.score_head, f"reward model {rm_path}"
+        reason = "another tokenizer" if not same_tokens else f"a context of {rm.args.max_seq_len} tokens"
+        value_init = f"policy (the reward model {rm_path} reads {reason})"
+    else:
+        value_init = "policy"
     value = copy.deepcopy(policy)
     head = nn.Linear(policy.args.dim, 1, bias=False, device=device)
     nn.init.zeros_(head.weight)
-    return value, head, "policy"
+    return value, head, value_init
 
 
 # ----------------------------------------------------------------------------------------------- rollout
@@ -292,10 +308,12 @@ class _PPORun:
         self.tokenizer = Tokenizer(self.tokenizer_path)
         seed_everything(config.seed)
         policy, _ = load_checkpoint(config.policy, device=device)
+        self.stored_dtype = policy.tok_embeddings.weight.dtype  # saved back in it
+        policy.float()  # float32 master weights: lr 1e-6 updates vanish in bf16 weights
         check_vocabulary(policy, self.tokenizer)
-        self.reference, _ = load_checkpoint(config.policy, device=device)
+        self.reference, _ = load_checkpoint(config.policy, device=device, dtype=torch.float32)
         self.reference.requires_grad_(False).eval()
-        value, head, self.value_init = build_value_model(config, policy, device)
+        value, head, self.value_init = build_value_model(config, policy, self.tokenizer_path, device)
         self.model = ActorCritic(policy, value, head)
         self.steps_per_iteration = config.batch_size // config.minibatch_size
         self.engine = Engine(self.model, OptimizerSettings.of(config),
@@ -315,18 +333,26 @@ class _PPORun:
             if len(ids) >= policy.args.max_seq_len:
                 raise ValueError(f"{record.source}: {len(ids)} prompt tokens leave no room in {policy.args.max_seq_len}")
         self.iteration = 0
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"reward": None, "iteration": None, "state": None, "bad_evals": 0}
 
     # -- state
 
+    @property
+    def signature(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint's (the plan, the rollouts and the reward's shape)."""
+        c = self.config
+        return {"n_prompts": len(self.train_records), "batch_size": c.batch_size, "minibatch_size": c.minibatch_size,
+                "seed": c.seed, "kl_coef": c.kl_coef, "temperature": c.temperature, "top_p": c.top_p,
+                "max_new_tokens": c.max_new_tokens}
+
     def checkpoint(self) -> None:
         self.engine.save({"iteration": self.iteration, "history": self.history, "best": self.best,
-                          "config": dataclasses.asdict(self.config)},
-                         signature={"n_prompts": len(self.train_records), "batch_size": self.config.batch_size})
+                          "config": dataclasses.asdict(self.config)}, signature=self.signature)
 
     def resume(self) -> None:
-        state = self.engine.resume({"n_prompts": len(self.train_records), "batch_size": self.config.batch_size})
+        state = self.engine.resume(self.signature)
         if state is not None:
             self.iteration, self.history, self.best = state["iteration"], state["history"], state["best"]
 
@@ -336,9 +362,11 @@ class _PPORun:
         """The training prompt of sequence `index` of an iteration's global batch: a seeded pass over the prompts."""
         position = iteration * self.config.batch_size + index
         epoch, offset = divmod(position, len(self.train_records))
-        order = list(range(len(self.train_records)))
-        random.Random(f"ppo:{self.config.seed}:{epoch}").shuffle(order)
-        return order[offset]
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(self.train_records)))
+            random.Random(f"ppo:{self.config.seed}:{epoch}").shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1][offset]
 
     def local_indices(self) -> list[int]:
         """The places in the global batch of this process's sequences: its share of every minibatch."""
@@ -395,8 +423,9 @@ class _PPORun:
         t1 = time.monotonic()
         scores, raw = self.score(prompt_indices, responses, finished)
         tokens, positions, mask = rollout_tensors([self.train_ids[i] for i in prompt_indices], responses, device)
-        logprobs, _, values = self.model(tokens, positions, config.temperature)
-        ref_logprobs = self.reference_logprobs(tokens, positions)
+        with self.autocast():  # as in optimise: the ratio is exactly 1 before the first update
+            logprobs, _, values = self.model(tokens, positions, config.temperature)
+            ref_logprobs = self.reference_logprobs(tokens, positions)
         t2 = time.monotonic()
         rewards = per_token_rewards(scores.to(device), logprobs, ref_logprobs, mask, config.kl_coef)
         advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
@@ -404,6 +433,12 @@ class _PPORun:
         rollout = Rollout(tokens, positions, mask, logprobs, ref_logprobs, values, advantages, returns, raw,
                           mask.sum(1), torch.tensor(finished))
         return rollout, {"rollout_s": t1 - t0, "scoring_s": t2 - t1}
+
+    def autocast(self) -> Any:
+        """bf16 autocast on a GPU (config.bf16), nothing on the CPU."""
+        if self.dist.device.type == "cuda" and self.config.bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
     def reference_logprobs(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
@@ -413,10 +448,9 @@ class _PPORun:
 
     def optimise(self, r: Rollout) -> dict[str, float]:
         """One gradient step a minibatch; the losses and statistics over the whole batch."""
-        config, engine, device = self.config, self.engine, self.dist.device
+        config, engine = self.config, self.engine
         share = config.minibatch_size // self.dist.world_size
-        autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-                    if device.type == "cuda" and config.bf16 else nullcontext())
+        autocast = self.autocast()
         sums = dict.fromkeys(("pg_loss", "vf_loss", "clipped", "entropy", "approx_kl", "tokens"), 0.0)
         for start in range(0, r.tokens.shape[0], share):
             sl = slice(start, start + share)
@@ -529,7 +563,7 @@ def train_ppo(config: PPOConfig, *, source: RewardSource | None = None,
         policy = run.model.policy
         if run.best["state"] is not None and stopped != "stop_after_iterations":
             policy.load_state_dict(run.best["state"])  # the best policy on the held-out prompts
-        save_policy(policy, out_dir / POLICY_DIR, like=config.policy, tokenizer=run.tokenizer_path)
+        save_policy(policy.to(run.stored_dtype), out_dir / POLICY_DIR, like=config.policy, tokenizer=run.tokenizer_path)
     result = PPOResult(out_dir=str(out_dir), policy_dir=str(out_dir / POLICY_DIR), iterations=run.iteration,
                        stopped=stopped, best_iteration=run.best["iteration"], best_eval_reward=run.best["reward"],
                        elapsed_s=run.engine.elapsed(), value_init=run.value_init, history=run.history)

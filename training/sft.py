@@ -50,7 +50,7 @@ from training.llama.model import Transformer
 from training.llama.packing import PackedBatch, pack_examples
 from training.llama.tokenizer import Tokenizer
 from training.prompts import PROMPT_FORMATS, encode_answered, read_prompts
-from training.sampling import find_tokenizer
+from training.sampling import check_vocabulary, find_tokenizer
 
 SFT_FORMATS = ("native", "hh-rlhf", "oasst", "prompts")
 POLICY_DIR = "policy"
@@ -238,7 +238,8 @@ class _SFTRun:
 
     @property
     def signature(self) -> dict[str, Any]:
-        return {"n_rows": int(self.rows.tokens.shape[0]), "seq_len": int(self.rows.tokens.shape[1])}
+        return {"n_rows": int(self.rows.tokens.shape[0]), "seq_len": int(self.rows.tokens.shape[1]),
+                "seed": self.config.seed, "global_batch_rows": self.config.global_batch_rows}
 
     def checkpoint(self) -> None:
         self.engine.save({"history": self.history, "config": dataclasses.asdict(self.config)}, signature=self.signature)
@@ -282,7 +283,9 @@ class _SFTRun:
 
 
 def save_policy(model: Transformer, out: Path, *, like: str | Path, tokenizer: str | Path) -> Path:
-    """Save a policy in the layout of the checkpoint `like` (Meta or Hugging Face), with its tokenizer inside."""
+    """Save a policy in the layout of the checkpoint `like` (Meta or Hugging Face), with its tokenizer inside.
+
+    In the model's dtype: trainers train float32 master weights and cast back to the dtype they loaded."""
     if detect_format(like) == "meta":
         save_meta_checkpoint(model, out)
     else:
@@ -307,8 +310,9 @@ def train_sft(config: SFTConfig, *, progress: Callable[[StepProgress], None] | N
 
     seed_everything(config.seed)
     model, args = load_checkpoint(config.init, device=dist_.device)
-    if tokenizer.n_words > args.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.n_words} pieces, more than the model's vocabulary {args.vocab_size}")
+    stored_dtype = model.tok_embeddings.weight.dtype
+    model.float()  # float32 master weights: AdamW's small updates vanish in bf16/fp16 weights (Meta's, HF's files)
+    check_vocabulary(model, tokenizer)
     seq_len = min(config.seq_len or min(args.max_seq_len, 4096), args.max_seq_len)
     examples, skipped = read_examples(config)
     rows, n_shortened = pack_rows(tokenizer, examples, config, seq_len)
@@ -364,7 +368,7 @@ def train_sft(config: SFTConfig, *, progress: Callable[[StepProgress], None] | N
             model = Transformer(args)
             model.load_state_dict(state)
         model.eval()
-        save_policy(model, out_dir / POLICY_DIR, like=config.init, tokenizer=tokenizer_path)
+        save_policy(model.to(stored_dtype), out_dir / POLICY_DIR, like=config.init, tokenizer=tokenizer_path)
         report = result.to_dict()
         report["config"] = dataclasses.asdict(config)
         (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

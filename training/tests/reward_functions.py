@@ -34,3 +34,10 @@ def shortness(prompts: list[str], responses: list[str]) -> list[float]:
 def mentions_a_dog(prompts: list[str], responses: list[str]) -> list[float]:
     """How many times the answer says "dog" (stories260K writes it in about one answer of ten)."""
     return [float(len(re.findall(r"\bdogs?\b", r.lower()))) for r in responses]
+
+
+def fails_on_small_batches(prompts: list[str], responses: list[str]) -> list[float]:
+    """share_of_letter_e, but a ValueError for fewer than 4 answers (a held-out evaluation of 2 prompts)."""
+    if len(responses) < 4:
+        raise ValueError("this judge needs at least 4 answers")
+    return share_of_letter_e(prompts, responses)

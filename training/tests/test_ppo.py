@@ -208,3 +208,47 @@ def test_bad_settings_are_clear_errors(tmp_path, tiny_policy, stories_tokenizer,
             "--out", str(tmp_path / "x")]
     assert main(args) == 2
     assert "--reward-fn" in capsys.readouterr().err
+
+
+def test_early_stopping_keeps_the_best_policy_on_the_held_out_prompts(tmp_path, tiny_policy, stories_tokenizer,
+                                                                      story_prompts):
+    common = dict(kl_coef=0.0, learning_rate=3e-3, eval_fraction=0.1)
+    result = train_ppo(_config(tmp_path / "es", tiny_policy, stories_tokenizer, story_prompts, iterations=12,
+                               eval_every=1, early_stopping_patience=2, **common))
+    evaluated = [h["eval_reward_mean"] for h in result.history]
+    assert result.best_eval_reward == max(evaluated)
+    assert result.best_iteration == 1 + evaluated.index(max(evaluated))
+    if result.stopped == "early_stopping":
+        assert result.iterations < 12
+        assert evaluated[-2:] < [result.best_eval_reward] * 2
+    # the saved policy is the best iteration's: a run of exactly that many iterations ends with the same weights
+    # (the same held-out prompts; evaluated only at its end, so it saves its last weights)
+    plain = train_ppo(_config(tmp_path / "plain", tiny_policy, stories_tokenizer, story_prompts,
+                              iterations=result.best_iteration, eval_every=1000, **common))
+    a = load_checkpoint(result.policy_dir)[0].state_dict()
+    b = load_checkpoint(plain.policy_dir)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_answer_without_eos_can_be_penalised(tmp_path, tiny_policy, stories_tokenizer, story_prompts):
+    kwargs = dict(iterations=1, max_new_tokens=4, eval_every=0)  # 4 tokens: most answers do not end
+    plain = train_ppo(_config(tmp_path / "a", tiny_policy, stories_tokenizer, story_prompts, **kwargs))
+    penalised = train_ppo(_config(tmp_path / "b", tiny_policy, stories_tokenizer, story_prompts,
+                                  missing_eos_penalty=5.0, **kwargs))
+    unfinished = 1.0 - plain.history[0]["finished_rate"]
+    assert 0.5 < unfinished < 1.0
+    assert penalised.history[0]["reward_mean"] == pytest.approx(plain.history[0]["reward_mean"] - 5.0 * unfinished)
+
+
+def test_a_failure_on_one_process_ends_the_run_instead_of_hanging(tmp_path, tiny_policy, stories_tokenizer,
+                                                                  story_prompts):
+    """Rank 0 alone evaluates the held-out prompts; when that fails, the job must stop, not wait for it forever."""
+    args = ["--policy", str(tiny_policy), "--tokenizer", str(stories_tokenizer), "--prompts", str(story_prompts),
+            "--reward-fn", "training.tests.reward_functions:fails_on_small_batches", "--prompt-format", "plain",
+            "--iterations", "4", "--batch-size", "8", "--minibatch-size", "8", "--max-new-tokens", "8",
+            "--eval-every", "1", "--eval-fraction", "0.1", "--threads", "1", "--out", str(tmp_path / "x")]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "training.ppo", *args], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0
+    assert "this judge needs at least 4 answers" in run.stderr

@@ -258,3 +258,30 @@ def test_a_long_example_loses_its_oldest_turns_not_its_answer(stories_tokenizer)
     assert len(ids) == 24
     assert ids[0] == tokenizer.bos_id
     assert tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m]).strip() == "Yes."
+
+
+def test_a_bf16_checkpoint_trains_in_float32_and_is_saved_in_bf16(tmp_path, policy_args, stories_tokenizer,
+                                                                   sft_prompts_file):
+    """Meta's and Hugging Face's Llama 2 files are bf16/fp16: AdamW's updates at lr 2e-5 would mostly round away
+    in such weights; the trainer keeps float32 master weights and saves in the dtype it loaded."""
+    from training.llama.checkpoint import save_meta_checkpoint
+    from training.llama.model import Transformer
+
+    torch.manual_seed(0)
+    init = tmp_path / "bf16"
+    save_meta_checkpoint(Transformer(policy_args).to(torch.bfloat16), init)
+    settings = dict(learning_rate=2e-5, max_steps=4, schedule="constant", min_warmup_steps=1)
+    train_sft(_config(tmp_path, init, stories_tokenizer, sft_prompts_file, stop_after_steps=3, **settings))
+    master = torch.load(tmp_path / "sft" / TRAIN_STATE_FILE, weights_only=False)["model"]
+    before = _weights(init)
+    assert master["layers.0.attention.wq.weight"].dtype == torch.float32
+    changed = sum(int((master[k] != before[k].float()).sum()) for k in before)
+    assert changed > 0.9 * sum(v.numel() for v in before.values())  # in bf16 weights about a quarter changed
+    result = train_sft(_config(tmp_path, init, stories_tokenizer, sft_prompts_file, **settings))
+    assert _weights(result.policy_dir)["layers.0.attention.wq.weight"].dtype == torch.bfloat16
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, tiny_policy, stories_tokenizer, sft_prompts_file):
+    train_sft(_config(tmp_path, tiny_policy, stories_tokenizer, sft_prompts_file, stop_after_steps=2))
+    with pytest.raises(ValueError, match="different run"):
+        train_sft(_config(tmp_path, tiny_policy, stories_tokenizer, sft_prompts_file, learning_rate=1e-6))
