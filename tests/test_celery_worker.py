@@ -106,3 +106,17 @@ def test_reward_model_run_trains_in_a_real_worker_on_the_gpu_queue(worker, share
     version = RewardModelVersion.objects.get(name="RM-celery")
     assert version.checkpoint_uri.startswith(str(worker))
     assert TrainingRun.objects.get(pk=run.id).reward_model_version == version
+
+
+def test_every_task_is_routed_to_its_queue_by_celerys_own_router():
+    """Reward-model and policy training go to the `gpu` queue (the route once named the module, not the task,
+    and sent reward-model training to the CPU worker); the rest stays on `default`."""
+    from config.celery import app
+
+    app.loader.import_default_modules()
+    tasks = sorted(name for name in app.tasks if name.split(".")[0] in ("annotation", "rewards", "training"))
+    assert "rewards.train_reward_model" in tasks
+    for name in tasks:
+        route = app.amqp.router.route({}, name)
+        expected = "gpu" if name.split(".")[0] in ("rewards", "training") else "default"
+        assert route["queue"].name == expected, name

@@ -180,7 +180,8 @@ CELERY_RESULT_BACKEND = env.str(
 )
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # Heavy work (reward models, policies, sampling) goes to GPU workers.
-CELERY_TASK_ROUTES = {"training.tasks.*": {"queue": "gpu"}, "rewards.tasks.*": {"queue": "gpu"}}
+# By task name (tasks are named "<app>.<verb>", not by module): GPU work on the `gpu` queue, the rest on `default`.
+CELERY_TASK_ROUTES = {"training.*": {"queue": "gpu"}, "rewards.*": {"queue": "gpu"}}
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
