@@ -220,8 +220,8 @@ def test_a_claim_taking_over_an_expired_lease_passes_it_over_while_its_holder_ac
     original = service._next_slot
     locked, go_on = threading.Event(), threading.Event()
 
-    def paused(user, *args):
-        slot = original(user, *args)
+    def paused(user, *args, **kwargs):
+        slot = original(user, *args, **kwargs)
         if user.pk == taker.pk and not locked.is_set():
             locked.set()  # the taker holds the slot's lock, about to lock the holder's assignment
             go_on.wait(30)
