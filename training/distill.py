@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -51,12 +50,12 @@ from training.stages import (
     FineTuneOptions,
     StageProgress,
     add_finetune_arguments,
-    cli_stage_bar,
     config_values,
     emit,
     emit_steps,
     finetune_config,
     finished_stage,
+    stage_main,
     stage_status,
     write_json_atomic,
     write_jsonl_atomic,
@@ -316,19 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    bar = None if args.quiet else cli_stage_bar("distill")
-    try:
-        report = run_distillation(DistillConfig(**config_values(args)), progress=bar)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    if setup_distributed(args.device).is_main:
-        print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
-    return 0
+    return stage_main(build_parser(), argv, name="distill",
+                      run=lambda args, bar: run_distillation(DistillConfig(**config_values(args)), progress=bar))
 
 
 if __name__ == "__main__":

@@ -127,12 +127,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise PromptFormatError(f"{path}: cannot be read as UTF-8 JSONL: {exc}") from exc
 
 
-def read_prompts(path: str | Path, *, require_response: bool = False) -> list[PromptRecord]:
-    """Every prompt of a prompts file (.jsonl or .jsonl.gz); blank lines are skipped."""
+def prompt_lines(path: str | Path) -> Iterator[tuple[str, Any, PromptRecord]]:
+    """(file:line, the line's object, its PromptRecord) of every non-blank line of a prompts file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    records = []
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -141,7 +140,14 @@ def read_prompts(path: str | Path, *, require_response: bool = False) -> list[Pr
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptFormatError(f"{where}: not valid JSON ({exc.msg})") from exc
-        record = parse_prompt(obj, where)
+        yield where, obj, parse_prompt(obj, where)
+
+
+def read_prompts(path: str | Path, *, require_response: bool = False) -> list[PromptRecord]:
+    """Every prompt of a prompts file (.jsonl or .jsonl.gz); blank lines are skipped."""
+    path = Path(path)
+    records = []
+    for where, _obj, record in prompt_lines(path):
         if require_response and record.response is None:
             raise PromptFormatError(f"{where}: response: missing (fine-tuning on prompts needs the answer)")
         records.append(record)

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ import torch
 
 from training.engine import run_main, setup_distributed
 from training.llama.tokenizer import Tokenizer
-from training.prompts import PromptFormatError, PromptRecord, parse_prompt, read_prompts
+from training.prompts import PromptFormatError, PromptRecord, prompt_lines, read_prompts
 from training.reward_sources import (
     RewardScores,
     RewardSource,
@@ -55,12 +54,12 @@ from training.stages import (
     FineTuneOptions,
     StageProgress,
     add_finetune_arguments,
-    cli_stage_bar,
     config_values,
     emit,
     emit_steps,
     finetune_config,
     finished_stage,
+    stage_main,
     stage_status,
     write_json_atomic,
     write_jsonl_atomic,
@@ -177,16 +176,8 @@ def read_pool(directories: Sequence[str]) -> list[Candidate]:
         path = Path(directory) / BEST_FILE
         if not path.is_file():
             raise FileNotFoundError(f"--pool {directory}: no {BEST_FILE} (not an output of training.rejection_sampling)")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PromptFormatError(f"{where}: not valid JSON ({exc.msg})") from exc
-            record = parse_prompt(obj, where)
-            iteration = obj.get("iteration") if isinstance(obj, dict) else None
+        for where, obj, record in prompt_lines(path):
+            iteration = obj.get("iteration")
             if record.response is None or not isinstance(iteration, int) or isinstance(iteration, bool):
                 raise PromptFormatError(f"{where}: expected a 'response' and an integer 'iteration'")
             record = PromptRecord(record.dialogue, record.domain, record.risk_category, None, where)
@@ -370,19 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    bar = None if args.quiet else cli_stage_bar("rejection sampling")
-    try:
-        report = run_rejection_sampling(RejectionSamplingConfig(**config_values(args)), progress=bar)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    if setup_distributed(args.device).is_main:
-        print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
-    return 0
+    return stage_main(build_parser(), argv, name="rejection sampling",
+                      run=lambda args, bar: run_rejection_sampling(RejectionSamplingConfig(**config_values(args)), progress=bar))
 
 
 if __name__ == "__main__":

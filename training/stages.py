@@ -12,13 +12,14 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.engine import Distributed, StepProgress
+from training.engine import Distributed, StepProgress, setup_distributed
 from training.prompts import PROMPT_FORMATS
 from training.sft import SFTConfig
 
@@ -226,3 +227,22 @@ def config_values(args: argparse.Namespace, *, drop: Iterable[str] = ()) -> dict
     if args.max_steps is not None:
         values["epochs"] = None  # the steps decide
     return values
+
+
+def stage_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, name: str,
+               run: Callable[[argparse.Namespace, Callable[[StageProgress], None] | None], Mapping[str, Any]]) -> int:
+    """A stage command: parse, run with a progress bar (unless --quiet), print the report on rank 0; 2 on a
+    ValueError or a missing file, with its message."""
+    args = parser.parse_args(argv)
+    bar = None if args.quiet else cli_stage_bar(name)
+    try:
+        report = run(args, bar)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    if setup_distributed(args.device).is_main:
+        print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
