@@ -394,9 +394,8 @@ class _PPORun:
             row_seeds = [(config.seed * 1_000_003 + iteration) * 100_003 + g for g in batch]
             out = generate(policy, ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                            top_p=config.top_p, eos_id=eos, row_seeds=row_seeds, return_logprobs=False)
-            for i, p, tokens in zip(indices, ids, out.tokens, strict=True):
-                budget = min(config.max_new_tokens, policy.args.max_seq_len - len(p))
-                done = len(tokens) < budget
+            assert out.finished is not None
+            for i, tokens, done in zip(indices, out.tokens, out.finished, strict=True):
                 prompts.append(i)
                 responses.append([*tokens, eos] if done else list(tokens) or [eos])
                 finished.append(done)

@@ -109,9 +109,9 @@ def sample_answers(
         result = generate(model, [prompt_ids[p] for p, _ in batch], max_new_tokens=settings.max_new_tokens,
                           temperature=settings.temperature, top_p=settings.top_p, eos_id=tokenizer.eos_id,
                           seed=seed + batch_index, return_logprobs=False)
-        for (p, s), tokens in zip(batch, result.tokens, strict=True):
-            budget = min(settings.max_new_tokens, model.args.max_seq_len - len(prompt_ids[p]))
-            out.append(Sample(p, s, prompt_ids[p], tokens, tokenizer.decode(tokens), finished=len(tokens) < budget))
+        assert result.finished is not None
+        for (p, s), tokens, done in zip(batch, result.tokens, result.finished, strict=True):
+            out.append(Sample(p, s, prompt_ids[p], tokens, tokenizer.decode(tokens), finished=done))
         if progress is not None:
             progress(len(out), len(jobs))
     return out

@@ -25,6 +25,7 @@ class GenerationResult:
 
     tokens: list[list[int]]
     logprobs: list[list[float]] | None
+    finished: list[bool] | None = None  # each sequence ended with EOS (else it ran out of tokens)
 
 
 class RowGenerators:
@@ -318,10 +319,12 @@ def generate(
 
     tokens = out_tokens[:, :n_generated].tolist()
     logprobs = out_logprobs[:, :n_generated].tolist()
+    finished = [False] * bsz
     for i, seq in enumerate(tokens):
         tokens[i], logprobs[i] = seq[:budgets[i]], logprobs[i][:budgets[i]]
         seq = tokens[i]
         if eos_id is not None and eos_id in seq:
             stop = seq.index(eos_id)
             tokens[i], logprobs[i] = seq[:stop], logprobs[i][:stop]
-    return GenerationResult(tokens=tokens, logprobs=logprobs if return_logprobs else None)
+            finished[i] = True
+    return GenerationResult(tokens=tokens, logprobs=logprobs if return_logprobs else None, finished=finished)

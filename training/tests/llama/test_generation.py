@@ -312,3 +312,15 @@ def test_row_seeds_sample_a_sequence_alike_whatever_shares_its_batch(top_p):
     assert shared != together  # one stream for the batch is another draw
     with pytest.raises(ValueError, match="seed or row_seeds"):
         generate(model, prompts, seed=1, row_seeds=[1, 2, 3, 4], **kwargs)
+
+
+def test_generation_says_which_sequences_ended_with_eos():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=16, multiple_of=16,
+                                  max_seq_len=64)).eval()
+    out = generate(model, [[1, 5]] * 8, max_new_tokens=6, temperature=1.0, top_p=1.0, eos_id=3, seed=0)
+    assert out.finished == [3 in seq for seq in generate(model, [[1, 5]] * 8, max_new_tokens=6, temperature=1.0,
+                                                         top_p=1.0, eos_id=None, seed=0).tokens[:8]]
+    assert any(out.finished)
+    assert not all(out.finished)
+    assert all(len(t) < 6 for t, done in zip(out.tokens, out.finished, strict=True) if done)
