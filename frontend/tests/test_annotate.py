@@ -182,3 +182,24 @@ def test_submit_and_next_saves_the_submit_but_withholds_the_next_comparison_past
     assert (data["submitted"]["task_id"], data["submitted"]["created"], data["task"]) == (task_id, True, None)
     assert "Too many requests" in data["next_withheld"]
     assert Annotation.objects.filter(task_id=task_id).exists()
+
+
+def test_the_remaining_count_does_not_tell_a_gold_task_from_another():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from annotation.tests.factories import BatchFactory
+    from frontend.views.annotate import progress_for
+
+    batch = BatchFactory()
+    normal = make_tasks(batch, 2)
+    gold = make_tasks(batch, 1, gold=True)[0]
+    holds_gold, holds_normal, fresh = annotator("g"), annotator("n"), annotator("f")
+    now = timezone.now()
+    for user, task in ((holds_gold, gold), (holds_normal, normal[0])):
+        Assignment.objects.create(task_id=task.id, annotator=user, leased_at=now, expires_at=now + timedelta(minutes=15))
+    before = progress_for(fresh, batch.pk, with_remaining=True)["batch_remaining"]
+    with_gold = progress_for(holds_gold, batch.pk, with_remaining=True)["batch_remaining"]
+    with_normal = progress_for(holds_normal, batch.pk, with_remaining=True)["batch_remaining"]
+    assert with_gold == with_normal == before - 1

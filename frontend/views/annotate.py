@@ -59,8 +59,10 @@ def progress_for(user, batch_id: int | None, *, with_remaining: bool) -> dict:
     remaining = None
     if batch_id and with_remaining:
         # Open comparisons of this batch this annotator has not been served yet (an upper bound on their work).
+        # Gold tasks count too: were they left out, the count would stay put when the task served is gold and
+        # drop by one otherwise, telling the annotator which tasks are gold.
         remaining = (
-            ComparisonTask.objects.filter(batch_id=batch_id, status=TaskStatus.OPEN, is_gold=False)
+            ComparisonTask.objects.filter(batch_id=batch_id, status=TaskStatus.OPEN)
             .exclude(assignments__annotator=user)
             .count()
         )
