@@ -27,36 +27,28 @@ per risk category). Running the same command again resumes as `training.rejectio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from training.engine import run_main, setup_distributed
+from training.engine import run_main
 from training.llama.tokenizer import Tokenizer
 from training.prompts import PromptRecord, read_prompts
 from training.reward_sources import RewardModelSource, RewardSource, reward_source
 from training.sampling import SamplingSettings, check_vocabulary, find_tokenizer, load_policy, sample_answers
-from training.sft import POLICY_DIR, train_sft
 from training.stages import (
-    FINISHED,
-    NOT_STARTED,
-    SAMPLED,
     FineTuneOptions,
     StageProgress,
     add_finetune_arguments,
     config_values,
     emit,
-    emit_steps,
-    finetune_config,
-    finished_stage,
+    run_stage,
     stage_main,
-    stage_status,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -260,39 +252,11 @@ def run_distillation(config: DistillConfig, *, source: RewardSource | None = Non
 
     `source` scores safety (default: the config's safety reward model or function). Resumable.
     """
-    config.check()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report_path, marker_path = out_dir / REPORT_FILE, out_dir / MARKER_FILE
-    dist_ = setup_distributed(config.device)
-    status = stage_status(dist_, marker_path, report_path, config.signature)
-    if status == FINISHED:
-        return json.loads(report_path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
-    if status == NOT_STARTED:
-        if dist_.is_main:  # under torchrun one process samples, then all fine-tune
-            _sample_and_select(config, source or safety_source(config, dist_.device), out_dir, progress, dist_.device)
-        dist_.barrier()
-    marker = finished_stage(marker_path, config.signature)
-    assert marker is not None
+    def sample(out_dir: Path, device: torch.device) -> None:
+        _sample_and_select(config, source or safety_source(config, device), out_dir, progress, device)
 
-    t0 = time.monotonic()
-    sft_summary: dict[str, Any] | None = None
-    if marker["n_kept"]:
-        sft = train_sft(finetune_config(config, init=config.policy, data=out_dir / KEPT_FILE, out_dir=out_dir),
-                        progress=emit_steps(progress))
-        sft_summary = sft.to_dict()
-        sft_summary.pop("history")
-    report = {**{k: v for k, v in marker.items() if k != "signature"},
-              "sampling_resumed": status == SAMPLED,
-              "policy_dir": str(out_dir / POLICY_DIR) if sft_summary else None,
-              "sft": sft_summary,
-              "config": asdict(config)}
-    report["timings"] = {**marker["timings"], "sft_s": time.monotonic() - t0}
-    if dist_.is_main:
-        write_json_atomic(report_path, report)
-    return report
+    return run_stage(config, report_file=REPORT_FILE, marker_file=MARKER_FILE, data_file=KEPT_FILE, progress=progress,
+                     sample=sample)
 
 
 # -------------------------------------------------------------------------------------------------- CLI

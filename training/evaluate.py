@@ -170,9 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.reward_fn is None and args.reward_model is None and args.safety_reward_model is None:
-        print("error: give --reward-model and/or --safety-reward-model, or --reward-fn", file=sys.stderr)
-        return 2
     values = {k: v for k, v in vars(args).items() if k not in ("reward_model", "safety_reward_model", "reward_fn")}
     config = EvaluateConfig(**values)
     try:

@@ -605,9 +605,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = {k: v for k, v in vars(args).items() if v is not None}
     values["out_dir"] = values.pop("out")
-    if args.reward_fn is None and args.reward_model is None and args.safety_reward_model is None:
-        print("error: give --reward-model and/or --safety-reward-model, or --reward-fn", file=sys.stderr)
-        return 2
 
     def print_line(record: dict[str, Any]) -> None:
         print(json.dumps(record), flush=True)

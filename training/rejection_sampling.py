@@ -29,13 +29,13 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from training.engine import run_main, setup_distributed
+from training.engine import run_main
 from training.llama.tokenizer import Tokenizer
 from training.prompts import PromptFormatError, PromptRecord, prompt_lines, read_prompts
 from training.reward_sources import (
@@ -46,21 +46,14 @@ from training.reward_sources import (
     reward_source,
 )
 from training.sampling import SamplingSettings, check_vocabulary, find_tokenizer, load_policy, sample_answers
-from training.sft import POLICY_DIR, train_sft
 from training.stages import (
-    FINISHED,
-    NOT_STARTED,
-    SAMPLED,
     FineTuneOptions,
     StageProgress,
     add_finetune_arguments,
     config_values,
     emit,
-    emit_steps,
-    finetune_config,
-    finished_stage,
+    run_stage,
     stage_main,
-    stage_status,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -303,42 +296,13 @@ def run_rejection_sampling(config: RejectionSamplingConfig, *, source: RewardSou
     `source` defaults to the reward model(s) or function the config names. Resumable: run it again after a
     crash and it goes on where it stopped.
     """
-    config.check()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report_path, marker_path = out_dir / REPORT_FILE, out_dir / MARKER_FILE
-    dist_ = setup_distributed(config.device)
-    status = stage_status(dist_, marker_path, report_path, config.signature)
-    if status == FINISHED:
-        return json.loads(report_path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
-    if status == NOT_STARTED:
-        if dist_.is_main:  # under torchrun one process samples, then all fine-tune
-            if source is None:
-                if config.reward_fn is None and config.reward_model is None and config.safety_reward_model is None:
-                    raise ValueError("give --reward-model and/or --safety-reward-model, or --reward-fn")
-                source = reward_source(reward_model=config.reward_model, safety_reward_model=config.safety_reward_model,
-                                       reward_fn=config.reward_fn, device=dist_.device)
-            _sample_and_select(config, source, out_dir, progress, dist_.device)
-        dist_.barrier()
-    marker = finished_stage(marker_path, config.signature)
-    assert marker is not None
+    def sample(out_dir: Path, device: torch.device) -> None:
+        scorer = source or reward_source(reward_model=config.reward_model, safety_reward_model=config.safety_reward_model,
+                                         reward_fn=config.reward_fn, device=device)
+        _sample_and_select(config, scorer, out_dir, progress, device)
 
-    t0 = time.monotonic()
-    sft = train_sft(finetune_config(config, init=config.policy, data=out_dir / BEST_FILE, out_dir=out_dir),
-                    progress=emit_steps(progress))
-    sft_summary = sft.to_dict()
-    sft_summary.pop("history")
-    report = {**{k: v for k, v in marker.items() if k != "signature"},
-              "sampling_resumed": status == SAMPLED,
-              "policy_dir": str(out_dir / POLICY_DIR),
-              "sft": sft_summary,
-              "config": asdict(config)}
-    report["timings"] = {**marker["timings"], "sft_s": time.monotonic() - t0}
-    if dist_.is_main:
-        write_json_atomic(report_path, report)
-    return report
+    return run_stage(config, report_file=REPORT_FILE, marker_file=MARKER_FILE, data_file=BEST_FILE, progress=progress,
+                     sample=sample)
 
 
 # -------------------------------------------------------------------------------------------------- CLI

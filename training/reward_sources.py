@@ -112,7 +112,7 @@ class RewardModelSource:
         from rewards.scoring import RewardScorer
 
         if helpfulness is None and safety is None:
-            raise ValueError("give a helpfulness or a safety reward model (or both)")
+            raise ValueError("give --reward-model and/or --safety-reward-model, or --reward-fn")
         self.helpfulness = RewardScorer.load(helpfulness, device=device) if helpfulness is not None else None
         self.safety = RewardScorer.load(safety, device=device) if safety is not None else None
         for name, scorer in (("helpfulness", self.helpfulness), ("safety", self.safety)):

@@ -14,14 +14,17 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from training.engine import Distributed, StepProgress, setup_distributed
 from training.prompts import PROMPT_FORMATS
-from training.sft import SFTConfig
+from training.sft import POLICY_DIR, SFTConfig, train_sft
 
 STAGES = ("sampling", "scoring", "sft")
 
@@ -144,6 +147,47 @@ def stage_status(dist_: Distributed, marker: Path, report: Path, signature: Mapp
             if sft is None or sft.get("stopped") == "completed":
                 status = FINISHED
     return dist_.broadcast_int(status)
+
+
+def run_stage(config: Any, *, report_file: str, marker_file: str, data_file: str,
+              sample: Callable[[Path, torch.device], Any],
+              progress: Callable[[StageProgress], None] | None) -> dict[str, Any]:
+    """A sample-then-fine-tune stage in config.out_dir, resumable: `sample(out_dir, device)` (on rank 0 only, once;
+    it writes `data_file` and, last, the marker), then SFT on `data_file` from config.policy on every process
+    unless the marker kept nothing (`n_kept` 0). Returns the report, also written to `report_file`."""
+    config.check()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path, marker_path = out_dir / report_file, out_dir / marker_file
+    dist_ = setup_distributed(config.device)
+    status = stage_status(dist_, marker_path, report_path, config.signature)
+    if status == FINISHED:
+        return json.loads(report_path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    if status == NOT_STARTED:
+        if dist_.is_main:  # under torchrun one process samples, then all fine-tune
+            sample(out_dir, dist_.device)
+        dist_.barrier()
+    marker = finished_stage(marker_path, config.signature)
+    assert marker is not None
+
+    t0 = time.monotonic()
+    sft_summary: dict[str, Any] | None = None
+    if marker.get("n_kept", 1):
+        sft = train_sft(finetune_config(config, init=config.policy, data=out_dir / data_file, out_dir=out_dir),
+                        progress=emit_steps(progress))
+        sft_summary = sft.to_dict()
+        sft_summary.pop("history")
+    report = {**{k: v for k, v in marker.items() if k != "signature"},
+              "sampling_resumed": status == SAMPLED,
+              "policy_dir": str(out_dir / POLICY_DIR) if sft_summary else None,
+              "sft": sft_summary,
+              "config": dataclasses.asdict(config)}
+    report["timings"] = {**marker["timings"], "sft_s": time.monotonic() - t0}
+    if dist_.is_main:
+        write_json_atomic(report_path, report)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
