@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.llama_sampling import proc_status_bytes, start_peak_window  # noqa: E402
+
 SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
@@ -84,27 +87,6 @@ def hh_sft_batch(batch: int, seq_len: int):
              "target_fraction": round(float((targets[:, :-1] != -100).float().mean()), 3)}
     # a row of seq_len + 1 packed tokens: the inputs are its first seq_len, each with its own target already
     return tokens[:, :-1].contiguous(), targets[:, :-1].contiguous(), positions[:, :-1].contiguous(), about
-
-
-def proc_status_bytes(field: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def start_peak_window(model) -> int:
-    """Page in every weight (loaders may mmap them), reset the peak-RSS mark; return the resident bytes now."""
-    import torch
-
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    return proc_status_bytes("VmRSS")
 
 
 def engine_step(opts, model, inputs, targets, position_ids):

@@ -57,6 +57,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.llama_sampling import proc_status_bytes  # noqa: E402
+
 DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
 PHASES = ("rollout_s", "scoring_s", "optimisation_s")
 
@@ -81,15 +84,6 @@ STORY_OPENINGS = [
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
-
-
-def proc_status_bytes(field: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def reset_peak_rss() -> None:
