@@ -23,3 +23,9 @@ def shared_data() -> Path:
             "repository or set SHARED_DATA_DIR to its data/ directory."
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(shared_data: Path) -> Path:
+    """stories260K's 512-piece SentencePiece tokenizer (the tiny models' vocabulary in the torch tests)."""
+    return shared_data / "stories260k" / "tokenizer.model"

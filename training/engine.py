@@ -3,16 +3,18 @@
 What lives here is what does not depend on the loss: `torchrun` set-up (`Distributed`), AdamW with the report's
 settings and a warm-up + cosine or constant schedule (`OptimizerSettings`), gradient accumulation over
 micro-batches and clipping, an atomic checkpoint of model, optimizer, scheduler, RNG and the trainer's own state
-with exact resume, the wall-clock budget (`Engine`). A trainer is then its own data and loss, read top to bottom:
+with exact resume, the wall-clock budget, DDP or FSDP (`Engine`). A trainer is then its own data and loss, read top to bottom:
 
     engine = Engine(model, settings, total_steps=..., dist=dist, state_path=out / "train_state.pt")
     extra = engine.resume(signature={...})          # None on a fresh start
     while engine.step < engine.total_steps:
         for i, micro in enumerate(micro_batches):
             with engine.accumulating(last=i == len(micro_batches) - 1):
-                engine.backward(loss_of(engine.module, micro))
+                engine.backward(engine.scale_for_global(loss_sum_of(engine.module, micro), global_count))
         engine.optimizer_step()
-        if engine.decide(engine.out_of_time() and "max_minutes"): ...
+        if engine.decide("max_minutes" if engine.out_of_time() else None, ("max_minutes",)):
+            engine.save(extra, signature={...})
+            break
 
 The ground floor beside `training.llama`: nothing of Django, `rewards` or the policy trainers is imported here.
 """

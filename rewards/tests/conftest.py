@@ -27,11 +27,6 @@ def tiny_args() -> ModelArgs:
 
 
 @pytest.fixture(scope="session")
-def stories_tokenizer(shared_data: Path) -> Path:
-    return shared_data / "stories260k" / "tokenizer.model"
-
-
-@pytest.fixture(scope="session")
 def llama_tokenizer(shared_data: Path) -> Path:
     return shared_data / "llama2-tokenizer" / "tokenizer.model"
 

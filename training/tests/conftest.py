@@ -1,4 +1,5 @@
-"""Fixtures for the policy-training tests: a tiny random Llama over the stories260K vocabulary, prompts files."""
+"""Fixtures for the torch tests under training/ (training/llama too): one thread, a tiny random Llama over the
+stories260K vocabulary, prompts files."""
 
 from __future__ import annotations
 
@@ -19,11 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def stories_tokenizer(shared_data: Path) -> Path:
-    return shared_data / "stories260k" / "tokenizer.model"
 
 
 @pytest.fixture(scope="session")
