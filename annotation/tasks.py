@@ -7,6 +7,7 @@ from django.conf import settings
 
 from annotation.models import Batch
 from annotation.services.exports import ExportFilters, comparisons_export_lines
+from annotation.services.runs import runs_reconcile
 
 
 @shared_task(name="annotation.export_batch")
@@ -22,3 +23,9 @@ def export_batch(batch_id: int, fmt: str = "native", aggregate: bool = False) ->
             f.write(line)
     tmp.replace(out)
     return str(out)
+
+
+@shared_task(name="annotation.reconcile_runs")
+def reconcile_runs() -> list[int]:
+    """Beat, every RUN_RECONCILE_SECONDS: re-queue runs whose worker died and resend runs whose message was lost."""
+    return runs_reconcile()

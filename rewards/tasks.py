@@ -1,18 +1,16 @@
 """Celery tasks for reward models (the `gpu` queue). Thin: ids in, one function, rows out.
 
-torch is imported inside the task (through rewards.runs), never when the web process loads this module.
+torch is imported inside the task (through training.runs), never when the web process loads this module.
 """
 
 from celery import shared_task
 
 
-@shared_task(name="rewards.train_reward_model", acks_late=True)
-def train_reward_model_task(run_id: int) -> int:
-    """Run a queued TrainingRun; a re-delivered message finds it no longer queued and does nothing."""
-    from annotation.models import RunStatus, TrainingRun
-    from rewards.runs import reward_run_execute
+@shared_task(name="rewards.train_reward_model", bind=True, acks_late=True)
+def train_reward_model_task(self, run_id: int) -> int:
+    """Run a reward-model TrainingRun (as `training.execute_run` does any run); a re-delivered message finds it
+    held or done and does nothing."""
+    from training.runs import execute_run
 
-    if not TrainingRun.objects.filter(pk=run_id, status=RunStatus.QUEUED).exists():
-        return run_id
-    reward_run_execute(run_id)
+    execute_run(run_id, task_id=self.request.id or "")
     return run_id

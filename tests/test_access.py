@@ -44,14 +44,13 @@ ACCESS = {
     ("GET", "/api/v1/policies/"): REVIEWERS,
     ("POST", "/api/v1/policies/"): RESEARCHERS,
     ("GET", "/api/v1/policies/{id}/"): REVIEWERS,
-    ("PATCH", "/api/v1/policies/{id}/"): RESEARCHERS,
+    ("POST", "/api/v1/policies/{id}/current/"): RESEARCHERS,
     ("GET", "/api/v1/prompts/"): SIGNED_IN,  # their own only; reviewers and up all
     ("POST", "/api/v1/prompts/"): SIGNED_IN,
     ("GET", "/api/v1/prompts/{id}/"): SIGNED_IN,
     ("GET", "/api/v1/reward-models/"): REVIEWERS,
     ("POST", "/api/v1/reward-models/"): RESEARCHERS,
     ("GET", "/api/v1/reward-models/{id}/"): REVIEWERS,
-    ("PATCH", "/api/v1/reward-models/{id}/"): RESEARCHERS,
     ("POST", "/api/v1/tasks/next/"): SIGNED_IN,
     ("POST", "/api/v1/tasks/{task_id}/submit/"): SIGNED_IN,  # a task they hold
     ("POST", "/api/v1/tasks/{task_id}/skip/"): SIGNED_IN,
@@ -60,6 +59,8 @@ ACCESS = {
     ("GET", "/api/v1/tasks/waiting/"): RESEARCHERS,
     ("GET", "/api/v1/training-runs/"): REVIEWERS,
     ("GET", "/api/v1/training-runs/{id}/"): REVIEWERS,
+    ("POST", "/api/v1/training-runs/"): RESEARCHERS,
+    ("POST", "/api/v1/training-runs/{id}/cancel/"): RESEARCHERS,
 }
 
 

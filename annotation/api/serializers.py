@@ -162,8 +162,20 @@ class ImportOutSerializer(serializers.Serializer):
 class PolicyVersionSerializer(CheckedModelSerializer):
     class Meta:
         model = PolicyVersion
-        fields = ["id", "name", "kind", "parent", "checkpoint_uri", "metrics", "is_current", "created_at"]
-        read_only_fields = ["id", "created_at"]
+        fields = ["id", "name", "kind", "parent", "checkpoint_uri", "tokenizer_uri", "metrics", "is_current", "created_at"]
+        read_only_fields = fields
+
+
+class PolicyRegisterSerializer(serializers.Serializer):
+    """Register a checkpoint directory on the shared volume (Meta or Hugging Face layout)."""
+
+    name = TextField(max_length=100)
+    checkpoint_uri = TextField(max_length=500)
+    tokenizer_uri = TextField(max_length=500, required=False, allow_blank=True, default="")
+    kind = ChoiceTextField(choices=["pretrained", "sft", "rejection_sampling", "ppo", "distillation"], default="pretrained")
+    parent = TextField(max_length=100, required=False, help_text="the parent version's name")
+    prompt_format = ChoiceTextField(choices=["chat", "plain"], default="chat")
+    is_current = serializers.BooleanField(default=False)
 
 
 class RewardModelVersionSerializer(CheckedModelSerializer):
@@ -178,9 +190,17 @@ class TrainingRunSerializer(CheckedModelSerializer):
         model = TrainingRun
         fields = [
             "id", "kind", "params", "status", "progress", "metrics", "error", "created_at", "started_at",
-            "finished_at", "policy_version", "reward_model_version",
+            "finished_at", "heartbeat_at", "attempts", "parent", "policy_version", "reward_model_version",
         ]  # fmt: skip
         read_only_fields = [f for f in fields if f not in ("kind", "params")]
+
+
+class TrainingRunCreateSerializer(serializers.Serializer):
+    """A run to start: its kind and parameters (checked against the kind's parameter table)."""
+
+    kind = ChoiceTextField(choices=["reward_model", "sft", "rejection_sampling", "ppo", "distillation", "generation",
+                                    "evaluation", "round"])  # fmt: skip
+    params = JSONObjectField(required=False, default=dict)
 
 
 class AnnotatorQualitySerializer(serializers.Serializer):

@@ -12,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.decorators import action
 from rest_framework.exceptions import Throttled
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -35,6 +36,8 @@ from annotation.services.dialogues import prompt_create, task_attach_responses
 from annotation.services.errors import InvalidInput, NotFound
 from annotation.services.exports import FORMATS, ExportFilters, comparisons_export_lines
 from annotation.services.imports import ComparisonRecord, ResponseRecord, comparisons_store, policies_resolve
+from annotation.services.policies import policy_make_current, policy_register
+from annotation.services.runs import run_cancel, run_create
 from annotation.throttling import ExactScopedRateThrottle, login_attempt_begin, login_attempt_succeeded
 
 from . import serializers as s
@@ -384,22 +387,64 @@ class AnnotationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         return Annotation.objects.filter(annotator=self.request.user).order_by("-id")
 
 
-class PolicyVersionViewSet(viewsets.ModelViewSet):
+class PolicyVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Policy versions. Researchers register a checkpoint (POST) and make a version current (POST .../current/);
+    a version a stage produced becomes current only after its evaluation."""
+
     queryset = PolicyVersion.objects.all()
     serializer_class = s.PolicyVersionSerializer
     permission_classes = [ReadReviewerWriteResearcher]
     filterset_fields = ["kind", "is_current"]
-    http_method_names = ["get", "post", "patch", "head", "options"]
+
+    @extend_schema(request=s.PolicyRegisterSerializer, responses={201: s.PolicyVersionSerializer})
+    def create(self, request):
+        data = s.PolicyRegisterSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        parent = None
+        if v.get("parent"):
+            parent = PolicyVersion.objects.filter(name=v["parent"]).first()
+            if parent is None:
+                raise InvalidInput(f"no policy version named {v['parent']!r}", field="parent")
+        version = policy_register(name=v["name"], checkpoint=v["checkpoint_uri"], tokenizer=v["tokenizer_uri"] or None,
+                                  kind=v["kind"], parent=parent, prompt_format=v["prompt_format"],
+                                  current=v["is_current"])  # fmt: skip
+        return Response(s.PolicyVersionSerializer(version).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={200: s.PolicyVersionSerializer})
+    @action(detail=True, methods=["post"])
+    def current(self, request, pk=None):
+        return Response(s.PolicyVersionSerializer(policy_make_current(version=self.get_object())).data)
 
 
-class RewardModelVersionViewSet(PolicyVersionViewSet):
+class RewardModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
+                                viewsets.GenericViewSet):
+    """Reward models: registered by reward-model runs, or by a researcher (POST) for one trained elsewhere."""
+
     queryset = RewardModelVersion.objects.all()
     serializer_class = s.RewardModelVersionSerializer
+    permission_classes = [ReadReviewerWriteResearcher]
     filterset_fields = ["kind"]
 
 
-class TrainingRunViewSet(PolicyVersionViewSet):
+class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Runs of every kind. Researchers and admins start one (POST: kind and params, checked up front; a worker on
+    the gpu queue takes it) and cancel one (POST .../cancel/: a queued run at once, a running one at its next
+    step)."""
+
     queryset = TrainingRun.objects.all()
     serializer_class = s.TrainingRunSerializer
-    filterset_fields = ["kind", "status"]
-    http_method_names = ["get", "head", "options"]
+    permission_classes = [ReadReviewerWriteResearcher]
+    filterset_fields = ["kind", "status", "parent"]
+
+    @extend_schema(request=s.TrainingRunCreateSerializer, responses={201: s.TrainingRunSerializer})
+    def create(self, request):
+        data = s.TrainingRunCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        run = run_create(kind=data.validated_data["kind"], params=data.validated_data["params"], user=request.user)
+        return Response(s.TrainingRunSerializer(run).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={200: s.TrainingRunSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        return Response(s.TrainingRunSerializer(run_cancel(run_id=self.get_object().pk)).data)

@@ -2,7 +2,15 @@
 
 from .content import Dialogue, Prompt, Response, RiskCategory, Turn, TurnRole
 from .people import AnnotatorProfile, Role
-from .registry import PolicyVersion, RewardModelVersion, RunStatus, TrainingRun
+from .registry import (
+    PolicyKind,
+    PolicyVersion,
+    RewardModelKind,
+    RewardModelVersion,
+    RunKind,
+    RunStatus,
+    TrainingRun,
+)
 from .review import Adjudication, Guideline
 from .tasks import (
     Annotation,
@@ -29,12 +37,15 @@ __all__ = [
     "Dialogue",
     "Domain",
     "Guideline",
+    "PolicyKind",
     "PolicyVersion",
     "Prompt",
     "Response",
+    "RewardModelKind",
     "RewardModelVersion",
     "RiskCategory",
     "Role",
+    "RunKind",
     "RunStatus",
     "Split",
     "TaskSlot",

@@ -21,7 +21,8 @@ class PolicyVersion(models.Model):
     kind = models.CharField(max_length=24, choices=PolicyKind.choices, default=PolicyKind.SFT)
     parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="children")
     checkpoint_uri = models.CharField(max_length=500, blank=True, default="")
-    metrics = models.JSONField(default=dict, blank=True)
+    tokenizer_uri = models.CharField(max_length=500, blank=True, default="", help_text="tokenizer.model; blank: in or beside the checkpoint")
+    metrics = models.JSONField(default=dict, blank=True, help_text="the stage's report and, once evaluated, 'evaluation'")
     is_current = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -77,6 +78,8 @@ class RunKind(models.TextChoices):
     PPO = "ppo"
     DISTILLATION = "distillation"
     GENERATION = "generation"
+    EVALUATION = "evaluation"
+    ROUND = "round"  # a chain of the others: one round of the Llama 2 process
 
 
 class TrainingRun(models.Model):
@@ -89,6 +92,14 @@ class TrainingRun(models.Model):
     metrics = models.JSONField(default=list, blank=True, help_text="list of {step, ...} points")
     error = models.TextField(blank=True, default="")
     celery_task_id = models.CharField(max_length=64, blank=True, default="")
+    # Durability: the worker that holds the run beats this while it works; a reconciler re-queues a run whose
+    # heartbeat stopped (worker killed) or whose message was lost (queued_at long ago, never started).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, default="", help_text="host:pid holding the run")
+    queued_at = models.DateTimeField(null=True, blank=True, help_text="when its message was last sent")
+    attempts = models.PositiveIntegerField(default=0, help_text="times a worker started or resumed it")
+    # A round's stages point at the round; a stage's `params` may name runs it follows.
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="stages")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -102,6 +113,7 @@ class TrainingRun(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "heartbeat_at"], name="run_status_heartbeat_idx")]
         constraints = [
             models.CheckConstraint(condition=Q(progress__gte=0) & Q(progress__lte=1), name="run_progress_0_1"),
             models.CheckConstraint(condition=Q(status__in=RunStatus.values), name="run_status_valid"),

@@ -20,6 +20,7 @@ from annotation.models import (
 from annotation.validation import MAX_MESSAGE_CHARS, check_text
 
 from .errors import BatchClosed, Conflict, InvalidInput, NotFound
+from .runs import fill_responses_requested
 
 
 def check_domain_and_risk(domain: str, risk_category: str) -> str:
@@ -63,6 +64,7 @@ def prompt_create(
     prompt = Prompt.objects.create(text=text, domain=domain, risk_category=risk_category, author=author, source=source)
     dialogue = Dialogue.objects.create(prompt=prompt)
     Turn.objects.create(dialogue=dialogue, position=0, role=TurnRole.USER, text=text)
+    fill_responses_requested()
     return ComparisonTask.objects.create(
         batch=batch,
         dialogue=dialogue,
@@ -90,6 +92,7 @@ def dialogue_continue(*, annotation: Annotation, user_text: str) -> ComparisonTa
             Turn(dialogue=fork, position=task.context_length + 1, role=TurnRole.USER, text=user_text.strip()),
         ]
     )
+    fill_responses_requested()
     return ComparisonTask.objects.create(
         batch=task.batch,
         dialogue=fork,
@@ -141,3 +144,35 @@ def task_attach_responses(*, task_id: int, responses: list[dict], policies: dict
     task.save(update_fields=["response_a", "response_b", "status"])
     TaskSlot.objects.bulk_create(slots_for(task))
     return task
+
+
+@transaction.atomic
+def batch_open_with_prompts(*, name: str, prompts: list[dict], overlap: int = 1, test_size: int = 1000,
+                            source: str = "prompts-file") -> tuple[Batch, list[int]]:
+    """A new open batch whose comparisons wait for responses: one per prompt, `prompts` as dicts with `dialogue`
+    (chat turns ending with a user turn; no system turn), `domain` and `risk_category`. All or nothing."""
+    if Batch.objects.filter(name=name).exists():
+        raise Conflict(f"a batch named {name!r} exists")
+    if not prompts:
+        raise InvalidInput("no prompts", field="prompts")
+    batch = Batch.objects.create(name=name, overlap=overlap, test_size=test_size)
+    task_ids = []
+    for i, p in enumerate(prompts):
+        turns = [t for t in p["dialogue"] if t["role"] != "system"]
+        domain = p.get("domain") or "helpfulness"
+        try:
+            risk = check_domain_and_risk(domain, p.get("risk_category") or ("uncategorized" if domain == "safety" else ""))
+        except InvalidInput as exc:
+            raise InvalidInput(f"prompt {i + 1}: {exc.message}", field=exc.field) from None
+        if not turns or turns[-1]["role"] != "user" or any(t["role"] != ("user", "assistant")[j % 2] for j, t in enumerate(turns)):
+            raise InvalidInput(f"prompt {i + 1}: turns must alternate user/assistant and end with a user turn",
+                               field="dialogue")  # fmt: skip
+        text = check_text(turns[0]["content"], field="text", max_length=MAX_MESSAGE_CHARS).strip()
+        prompt = Prompt.objects.create(text=text, domain=domain, risk_category=risk, source=source)
+        dialogue = Dialogue.objects.create(prompt=prompt)
+        Turn.objects.bulk_create([Turn(dialogue=dialogue, position=j, role=t["role"], text=t["content"])
+                                  for j, t in enumerate(turns)])  # fmt: skip
+        task = ComparisonTask.objects.create(batch=batch, dialogue=dialogue, context_length=len(turns), domain=domain,
+                                             status=TaskStatus.AWAITING_RESPONSES, required_annotations=overlap)  # fmt: skip
+        task_ids.append(task.pk)
+    return batch, task_ids

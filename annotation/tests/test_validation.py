@@ -6,7 +6,7 @@ import json
 import pytest
 from rest_framework.test import APIClient
 
-from annotation.models import Annotation, Assignment, ComparisonTask, PolicyVersion, Prompt, Role, TaskStatus
+from annotation.models import Annotation, Assignment, ComparisonTask, PolicyVersion, Prompt, RewardModelVersion, Role, TaskStatus
 from annotation.services.errors import InvalidInput
 from annotation.services.imports import ComparisonRecord, ResponseRecord, check_record
 from annotation.validation import check_json, check_text, check_time_on_task_ms
@@ -143,10 +143,11 @@ def annotator_client_json(client):
 def test_policy_metrics_with_a_nul_or_surrogate_are_a_400(bad, where):
     researcher = annotator("lead", role=Role.RESEARCHER)
     metrics = {bad: 1} if where == "key" else {"win_rate": {"vs": [bad]}}
-    response = _post_json(_api(researcher), "/api/v1/policies/", {"name": "RLHF-V9", "kind": "rlhf", "metrics": metrics})
+    response = _post_json(_api(researcher), "/api/v1/reward-models/",
+                          {"name": "RM-V9", "kind": "helpfulness", "metrics": metrics})  # fmt: skip
     assert response.status_code == 400, response.content
     assert "metrics" in response.json()
-    assert not PolicyVersion.objects.filter(name="RLHF-V9").exists()
+    assert not RewardModelVersion.objects.filter(name="RM-V9").exists()
 
 
 @pytest.mark.parametrize("bad", [NUL, SURROGATE])

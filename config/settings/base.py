@@ -174,6 +174,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "processed_folder": str(_celery_fs / "processed"),
         "control_folder": str(_celery_fs / "control"),
         "store_processed": False,
+        "polling_interval": 0.2,  # seconds; a written prompt reaches the model worker within a second
     }
 CELERY_RESULT_BACKEND = env.str(
     "CELERY_RESULT_BACKEND", default=f"db+sqlite:///{VAR_DIR / 'celery-results.sqlite3'}"
@@ -188,6 +189,34 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = TIME_ZONE
+# Redis re-delivers an unacknowledged message only after this long; the reconciler below is what notices a dead
+# worker within a minute, so the visibility timeout only has to exceed the longest single task start.
+if not CELERY_BROKER_URL.startswith("filesystem://"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=43200)}
+
+# Durable runs (annotation.services.runs, training.runs): a worker beats a running run's heartbeat every
+# RUN_HEARTBEAT_SECONDS; beat's reconciler re-queues a run whose heartbeat is older than RUN_STALE_SECONDS and
+# resends a queued run's message after RUN_RESEND_SECONDS. Training stages checkpoint every
+# RUN_CHECKPOINT_MINUTES by default, so a re-queued run loses at most that much work.
+RUN_HEARTBEAT_SECONDS = env.float("RUN_HEARTBEAT_SECONDS", default=10.0)
+RUN_STALE_SECONDS = env.float("RUN_STALE_SECONDS", default=90.0)
+RUN_RESEND_SECONDS = env.float("RUN_RESEND_SECONDS", default=600.0)
+RUN_RECONCILE_SECONDS = env.float("RUN_RECONCILE_SECONDS", default=30.0)
+RUN_MIN_PAIRS = env.int("RUN_MIN_PAIRS", default=8)
+# The model worker: comparisons awaiting responses are filled on demand (a message after each new prompt or
+# continuation, expiring when a busy worker cannot get to it) and by beat every MODEL_WORKER_POLL_SECONDS.
+MODEL_WORKER_ON_DEMAND = env.bool("MODEL_WORKER_ON_DEMAND", default=True)
+MODEL_WORKER_ASK_EXPIRES = env.float("MODEL_WORKER_ASK_EXPIRES", default=120.0)
+MODEL_WORKER_POLL_SECONDS = env.float("MODEL_WORKER_POLL_SECONDS", default=30.0)
+MODEL_WORKER_TEMPERATURES = [float(t) for t in env.list("MODEL_WORKER_TEMPERATURES", default=["0.6", "1.0"])]
+MODEL_WORKER_MAX_NEW_TOKENS = env.int("MODEL_WORKER_MAX_NEW_TOKENS", default=128)
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-runs": {"task": "annotation.reconcile_runs", "schedule": RUN_RECONCILE_SECONDS,
+                       "options": {"expires": RUN_RECONCILE_SECONDS}},
+    "fill-responses": {"task": "training.fill_responses", "schedule": MODEL_WORKER_POLL_SECONDS,
+                       "options": {"expires": MODEL_WORKER_POLL_SECONDS}},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # Annotation workflow defaults (a batch can override overlap, gold rate, lease and the too-fast floor).
 ANNOTATION_LEASE_SECONDS = env.int("ANNOTATION_LEASE_SECONDS", default=900)

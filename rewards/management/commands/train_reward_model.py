@@ -39,18 +39,17 @@ class Command(BaseCommand):
         except ValueError as e:
             raise CommandError(str(e)) from None
         if o["queue"]:
-            from django.db import transaction
+            from annotation.services.runs import run_send
 
-            from rewards.tasks import train_reward_model_task
-
-            transaction.on_commit(lambda: train_reward_model_task.delay(run.id))
+            run_send(run)
             self.stdout.write(f"queued training run {run.id}")
             return
-        from rewards.runs import reward_run_execute
+        from training.runs import execute_run
 
-        try:
-            version = reward_run_execute(run.id)
-        except Exception as e:
-            raise CommandError(f"run {run.id} failed: {e}") from None
+        status = execute_run(run.id)
+        run.refresh_from_db()
+        if status != "succeeded":
+            raise CommandError(f"run {run.id} {status}: {run.error}")
+        version = run.reward_model_version
         accuracy = version.metrics.get("accuracy")
         self.stdout.write(f"registered reward model {version.name!r} (run {run.id}), test accuracy {accuracy}")

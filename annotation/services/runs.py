@@ -1,0 +1,351 @@
+"""Training runs as the platform starts them: validated parameters, a row, a Celery message by name.
+
+The web process never imports torch or the trainers, so the parameters a run takes are declared here, once, as
+plain specs (the trainers' config dataclasses hold the same names; a test keeps the two in step). A run is
+created in one transaction and its message is sent after commit; a lost message or a dead worker is the
+reconciler's business (`runs_reconcile`, on beat), and the worker's claim (`training.runs`) makes a second
+message for the same run harmless.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from annotation.models import (
+    Annotation,
+    Batch,
+    PolicyVersion,
+    RewardModelKind,
+    RewardModelVersion,
+    RunKind,
+    RunStatus,
+    TrainingRun,
+)
+
+from .errors import Conflict, InvalidInput, NotFound
+
+EXECUTE_TASK = "training.execute_run"  # training/tasks.py; routed to the gpu queue by name
+FILL_TASK = "training.fill_responses"
+TERMINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a run kind takes: its type, bounds and, for references, what it names."""
+
+    kind: str  # int | float | bool | str | choice | names | ref
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    ref: str = ""  # policy | reward_model:helpfulness | reward_model:safety | batch | run
+    help: str = ""
+
+
+def _i(low: float = 1, high: float = 1_000_000, **kw: Any) -> Param:
+    return Param("int", low, high, **kw)
+
+
+def _f(low: float = 0.0, high: float = 1e6, **kw: Any) -> Param:
+    return Param("float", low, high, **kw)
+
+
+_SAMPLING = {"max_new_tokens": _i(1, 4096), "top_p": _f(0.0, 1.0), "prompt_format": Param("choice", choices=("chat", "plain")),
+             "batch_size": _i(1, 4096)}  # fmt: skip
+_FINETUNE = {"epochs": _i(1, 100), "max_steps": _i(1), "max_minutes": _f(0.01), "learning_rate": _f(0.0, 1.0),
+             "global_batch_rows": _i(1, 65536), "micro_batch_rows": _i(1, 4096), "seq_len": _i(8, 131072),
+             "checkpoint_every": _i(0), "seed": _i(0, 2**31)}  # fmt: skip
+_POLICY_IN = {"policy": Param("ref", ref="policy", help="policy version (default: the current one)"),
+              "prompts": Param("str", help="a prompts file on the shared volume"),
+              "batches": Param("names", ref="batch", help="prompts of these batches (default: all closed ones)"),
+              "name": Param("str", help="name of the new policy version (default: derived from the run)"),
+              "world_size": _i(1, 64, help="processes under torchrun (GPUs on a GPU node)")}  # fmt: skip
+_REWARDS = {"reward_model": Param("ref", ref="reward_model:helpfulness", help="default: the newest"),
+            "safety_reward_model": Param("ref", ref="reward_model:safety", help="default: the newest"),
+            "uncertainty_coef": _f(0.0, 100.0)}  # fmt: skip
+
+RUN_PARAMS: dict[str, dict[str, Param]] = {
+    RunKind.REWARD_MODEL: {
+        "kind": Param("choice", choices=tuple(RewardModelKind.values)),
+        "batches": Param("names", ref="batch"),
+        "name": Param("str"),
+        "init": Param("str", help="a policy version's name or a checkpoint directory"),
+        "config": Param("choice", choices=("tiny", "tiny-ensemble", "small")),
+        "tokenizer": Param("str"),
+        "max_steps": _i(1), "max_minutes": _f(0.01), "epochs": _i(1, 100), "learning_rate": _f(0.0, 1.0),
+        "global_batch_size": _i(1, 65536), "micro_batch_size": _i(1, 4096), "margin": Param("choice", choices=("none", "small", "large")),
+        "ensemble": _i(1, 16), "checkpoint_every": _i(0), "seed": _i(0, 2**31), "world_size": _i(1, 64),
+    },  # fmt: skip
+    RunKind.SFT: {**_POLICY_IN, **_FINETUNE, "prompt_format": _SAMPLING["prompt_format"]},
+    RunKind.REJECTION_SAMPLING: {**_POLICY_IN, **_REWARDS, **_SAMPLING, **_FINETUNE, "samples": _i(1, 1024),
+                                 "temperature": _f(0.0, 5.0), "pool": Param("names", ref="run")},  # fmt: skip
+    RunKind.PPO: {
+        **_POLICY_IN, **_REWARDS, "iterations": _i(1), "batch_size": _i(1, 65536), "minibatch_size": _i(1, 65536),
+        "max_new_tokens": _i(1, 4096), "temperature": _f(0.01, 5.0), "kl_coef": _f(0.0, 100.0),
+        "learning_rate": _f(0.0, 1.0), "max_minutes": _f(0.01), "eval_every": _i(0), "checkpoint_every": _i(0),
+        "missing_eos_penalty": _f(0.0, 1000.0), "seed": _i(0, 2**31), "prompt_format": _SAMPLING["prompt_format"],
+    },  # fmt: skip
+    RunKind.DISTILLATION: {**_POLICY_IN, **_SAMPLING, **_FINETUNE,
+                           "safety_reward_model": _REWARDS["safety_reward_model"], "temperature": _f(0.0, 5.0),
+                           "preprompt": Param("choice", choices=("generic", "risk-category"))},  # fmt: skip
+    RunKind.GENERATION: {
+        "policy": Param("ref", ref="policy", help="response A's policy (default: the current one)"),
+        "policy_b": Param("ref", ref="policy", help="response B's policy (default: the same)"),
+        "temperatures": Param("floats", 0.0, 5.0, help="[A, B]: two temperatures (default [0.6, 1.0])"),
+        "pending": Param("bool", help="fill every comparison awaiting responses"),
+        "prompts": Param("str", help="a prompts file: its prompts open a new batch"),
+        "batch": Param("str", help="the new batch's name (with prompts)"),
+        "overlap": _i(1, 20), "test_size": _i(0), **_SAMPLING, "seed": _i(0, 2**31),
+    },  # fmt: skip
+    RunKind.EVALUATION: {
+        "policy": Param("ref", ref="policy"), "baseline": Param("ref", ref="policy", help="default: its parent"),
+        "prompts": Param("str"), "batches": Param("names", ref="batch"),
+        "reward_model": _REWARDS["reward_model"], "safety_reward_model": _REWARDS["safety_reward_model"], **_SAMPLING,
+        "temperature": _f(0.0, 5.0), "seed": _i(0, 2**31), "make_current": Param("bool"),
+    },  # fmt: skip
+    RunKind.ROUND: {
+        "batches": Param("names", ref="batch", help="this round's batches (closed by the round)"),
+        "reward_model": Param("dict", help="settings of both reward-model runs"),
+        "rejection_sampling": Param("dict"), "ppo": Param("dict", help="give settings to run PPO after rejection sampling"),
+        "evaluation": Param("dict"), "generation": Param("dict", help="{prompts, batch}: the next batch"),
+        "name": Param("str", help="the round's policy version name (default RLHF-V<n>)"),
+    },  # fmt: skip
+}
+
+
+def _check_value(name: str, spec: Param, value: Any) -> Any:
+    def bad(why: str) -> InvalidInput:
+        return InvalidInput(f"params.{name}: {why}", field=f"params.{name}")
+
+    if spec.kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or (spec.kind == "int" and not float(value).is_integer()):
+            raise bad(f"must be {'an integer' if spec.kind == 'int' else 'a number'}, got {value!r}")
+        value = int(value) if spec.kind == "int" else float(value)
+        if not (spec.low <= value <= spec.high):  # type: ignore[operator]
+            raise bad(f"must be between {spec.low:g} and {spec.high:g}, got {value}")
+        return value
+    if spec.kind == "floats":
+        if not isinstance(value, list) or len(value) != 2:
+            raise bad("must be a list of two numbers")
+        return [_check_value(name, Param("float", spec.low, spec.high), v) for v in value]
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad(f"must be true or false, got {value!r}")
+        return value
+    if spec.kind == "dict":
+        if not isinstance(value, dict):
+            raise bad("must be an object")
+        return value
+    if spec.kind == "names":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+            raise bad("must be a non-empty list of names")
+        return value
+    if not isinstance(value, str) or not value.strip() or len(value) > 500:
+        raise bad(f"must be a non-empty string of at most 500 characters, got {value!r}")
+    if spec.kind == "choice" and value not in spec.choices:
+        raise bad(f"must be one of {list(spec.choices)}, got {value!r}")
+    return value.strip()
+
+
+def _resolve_refs(kind: str, params: dict[str, Any]) -> None:
+    """Names must exist; a missing policy or reward model means the current policy or the newest model."""
+    specs = RUN_PARAMS[kind]
+    for name, spec in specs.items():
+        if spec.ref == "policy":
+            if name in params:
+                if not PolicyVersion.objects.filter(name=params[name]).exists():
+                    raise InvalidInput(f"params.{name}: no policy version named {params[name]!r}", field=f"params.{name}")
+            elif name == "policy" and kind != RunKind.ROUND:
+                current = PolicyVersion.objects.filter(is_current=True).first()
+                if current is None:
+                    raise InvalidInput("params.policy: no policy is current; name one (register_policy)", field="params.policy")
+                params["policy"] = current.name
+        elif spec.ref.startswith("reward_model:"):
+            rm_kind = spec.ref.split(":")[1]
+            if name in params:
+                if not RewardModelVersion.objects.filter(name=params[name], kind=rm_kind).exists():
+                    raise InvalidInput(f"params.{name}: no {rm_kind} reward model named {params[name]!r}", field=f"params.{name}")
+        elif spec.ref == "batch" and name in params:
+            names = [str(n) for n in params[name]]
+            known = set(Batch.objects.filter(name__in=names).values_list("name", flat=True))
+            if missing := [n for n in names if n not in known]:
+                raise InvalidInput(f"params.{name}: unknown batch(es) {missing}", field=f"params.{name}")
+            params[name] = names
+        elif spec.ref == "run" and name in params:
+            ids = [int(i) for i in params[name] if str(i).isdigit()]
+            found = set(TrainingRun.objects.filter(pk__in=ids, kind=RunKind.REJECTION_SAMPLING, status=RunStatus.SUCCEEDED)
+                        .values_list("pk", flat=True))  # fmt: skip
+            if len(ids) != len(params[name]) or set(ids) - found:
+                raise InvalidInput(f"params.{name}: give ids of succeeded rejection-sampling runs", field=f"params.{name}")
+            params[name] = ids
+
+
+# Pairs a step (global, micro) of rewards' recipes (rewards.trainer, rewards.configs; a test keeps them equal):
+# a run on fewer pairs than one global batch would train no step, so the batch is fitted to the data up front.
+REWARD_BATCH_DEFAULTS = {"init": (64, 4), "tiny": (32, 32), "tiny-ensemble": (32, 32), "small": (64, 32)}
+
+
+def training_pairs(batches: list[str], domain: str | None = None) -> int:
+    """Annotations of the batches outside the held-out split: how many pairs a reward model trains on."""
+    q = Annotation.objects.filter(task__batch__name__in=batches).exclude(task__split="test")
+    return q.filter(task__domain=domain).count() if domain else q.count()
+
+
+def _fit_reward_model(params: dict[str, Any]) -> None:
+    """Refuse a run with no data, and shrink the batch to the data (the recipe's 32 a step needs 32 pairs)."""
+    for required in ("kind", "batches", "name"):
+        if required not in params:
+            raise InvalidInput(f"params.{required} is required for a reward-model run", field=f"params.{required}")
+    if ("init" in params) == ("config" in params):
+        raise InvalidInput("give params.init (a policy version or checkpoint) or params.config, not both", field="params.init")
+    if "config" in params and "tokenizer" not in params:
+        raise InvalidInput("params.config needs params.tokenizer", field="params.tokenizer")
+    if RewardModelVersion.objects.filter(name=params["name"]).exists():
+        raise InvalidInput(f"params.name: a reward model named {params['name']!r} already exists", field="params.name")
+    pairs = training_pairs(params["batches"])
+    if pairs < settings.RUN_MIN_PAIRS:
+        raise InvalidInput(f"batches {params['batches']} hold {pairs} training pairs; a reward model needs at least "
+                           f"{settings.RUN_MIN_PAIRS}", field="params.batches")  # fmt: skip
+    default_global, default_micro = REWARD_BATCH_DEFAULTS["init" if "init" in params else params["config"]]
+    batch = params.get("global_batch_size", default_global)
+    if pairs < batch:
+        fitted = 1 << (pairs.bit_length() - 1)  # the largest power of two that fits
+        params["global_batch_size"] = fitted
+        params["micro_batch_size"] = min(params.get("micro_batch_size", default_micro), fitted)
+        params["adjusted"] = f"global_batch_size {batch} -> {fitted}: the batches hold {pairs} training pairs"
+
+
+def _check_shape(kind: str, params: dict[str, Any]) -> None:
+    if kind == RunKind.REWARD_MODEL:
+        _fit_reward_model(params)
+    if kind in (RunKind.SFT, RunKind.REJECTION_SAMPLING, RunKind.PPO, RunKind.DISTILLATION):
+        if "prompts" in params and "batches" in params:
+            raise InvalidInput("give params.prompts or params.batches, not both", field="params.prompts")
+        if "prompts" not in params and "batches" not in params:
+            closed = list(Batch.objects.filter(status="closed").values_list("name", flat=True))
+            if not closed:
+                raise InvalidInput("no prompts: give params.prompts or params.batches (no batch is closed yet)",
+                                   field="params.batches")  # fmt: skip
+            params["batches"] = closed
+    if kind == RunKind.PPO:
+        batch, mini = params.get("batch_size", 512), params.get("minibatch_size", 64)
+        if batch % mini:
+            raise InvalidInput(f"params.batch_size {batch} is not a multiple of params.minibatch_size {mini}",
+                               field="params.minibatch_size")  # fmt: skip
+    if kind == RunKind.GENERATION:
+        if bool(params.get("pending")) == ("prompts" in params):
+            raise InvalidInput("give params.pending true, or params.prompts and params.batch", field="params.prompts")
+        if "prompts" in params:
+            if "batch" not in params:
+                raise InvalidInput("params.batch (the new batch's name) is required with params.prompts", field="params.batch")
+            if Batch.objects.filter(name=params["batch"]).exists():
+                raise InvalidInput(f"params.batch: a batch named {params['batch']!r} exists", field="params.batch")
+    name = params.get("name")
+    if name is not None and kind != RunKind.REWARD_MODEL:
+        if not NAME_RE.match(name):
+            raise InvalidInput("params.name: letters, digits, '.', '_' and '-' only", field="params.name")
+        if PolicyVersion.objects.filter(name=name).exists():
+            raise InvalidInput(f"params.name: a policy version named {name!r} exists", field="params.name")
+
+
+def run_params_check(kind: str, params: Any) -> dict[str, Any]:
+    """The parameters of a run of `kind`, checked and completed (references resolved), or InvalidInput."""
+    if kind not in RUN_PARAMS:
+        raise InvalidInput(f"kind must be one of {list(RUN_PARAMS)}, got {kind!r}", field="kind")
+    if not isinstance(params, dict):
+        raise InvalidInput("params must be an object", field="params")
+    specs = RUN_PARAMS[kind]
+    if unknown := sorted(set(params) - set(specs)):
+        raise InvalidInput(f"params: unknown for a {kind} run: {unknown}; known: {sorted(specs)}", field="params")
+    checked = {name: _check_value(name, specs[name], value) for name, value in params.items() if value is not None}
+    _resolve_refs(kind, checked)
+    _check_shape(kind, checked)
+    return checked
+
+
+def run_send(run: TrainingRun) -> None:
+    """Send the run's message after the surrounding transaction commits (queued_at says when)."""
+    from config.celery import app
+
+    TrainingRun.objects.filter(pk=run.pk).update(queued_at=timezone.now())
+    transaction.on_commit(lambda: app.send_task(EXECUTE_TASK, args=[run.pk]))
+
+
+@transaction.atomic
+def run_create(*, kind: str, params: Any, user=None, parent: TrainingRun | None = None, send: bool = True,
+               checked: bool = False) -> TrainingRun:
+    """A queued run of `kind`; its message goes to a worker after commit unless `send` is False (a command that
+    runs it in its own process, or a round whose stages its own task runs)."""
+    params = params if checked else run_params_check(kind, params)
+    run = TrainingRun.objects.create(kind=kind, params=params, created_by=user, parent=parent)
+    if send:
+        run_send(run)
+    return run
+
+
+@transaction.atomic
+def run_cancel(*, run_id: int) -> TrainingRun:
+    """A queued run is cancelled at once; a running one stops at its next step (its worker sees the status).
+    A round's unfinished stages are cancelled with it."""
+    run = TrainingRun.objects.select_for_update().filter(pk=run_id).first()
+    if run is None:
+        raise NotFound(f"run {run_id} does not exist")
+    if run.status in TERMINAL:
+        raise Conflict(f"run {run_id} is {run.status}; only a queued or running run can be cancelled")
+    now = timezone.now()
+    was_queued = run.status == RunStatus.QUEUED
+    run.status = RunStatus.CANCELLED
+    run.error = "cancelled" + (" before it started" if was_queued else "; its worker stops at the next step")
+    fields = ["status", "error"]
+    if was_queued:
+        run.finished_at = now
+        fields.append("finished_at")
+    run.save(update_fields=fields)
+    TrainingRun.objects.filter(parent=run, status=RunStatus.QUEUED).update(
+        status=RunStatus.CANCELLED, error="its round was cancelled", finished_at=now
+    )
+    TrainingRun.objects.filter(parent=run, status=RunStatus.RUNNING).update(status=RunStatus.CANCELLED,
+                                                                            error="its round was cancelled")
+    return run
+
+
+def runs_reconcile(now=None) -> list[int]:
+    """Re-queue runs whose worker died (running, heartbeat older than RUN_STALE_SECONDS) and resend runs whose
+    message may be lost (queued, sent longer than RUN_RESEND_SECONDS ago). A round's stages run inside the
+    round's task, so only top-level runs are sent; a stage of a re-queued round resumes with it."""
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=settings.RUN_STALE_SECONDS)
+    resend = now - timedelta(seconds=settings.RUN_RESEND_SECONDS)
+    requeued = []
+    with transaction.atomic():
+        runs = (TrainingRun.objects.select_for_update(skip_locked=True)
+                .filter(parent__isnull=True)
+                .filter(Q(status=RunStatus.RUNNING, heartbeat_at__lt=stale)
+                        | Q(status=RunStatus.RUNNING, heartbeat_at__isnull=True, started_at__lt=stale)
+                        | Q(status=RunStatus.QUEUED, queued_at__lt=resend)
+                        | Q(status=RunStatus.QUEUED, queued_at__isnull=True, created_at__lt=resend)))  # fmt: skip
+        for run in runs:
+            if run.status == RunStatus.RUNNING:
+                run.error = f"re-queued: the heartbeat of {run.worker or 'its worker'} stopped at {run.heartbeat_at}"
+                run.status = RunStatus.QUEUED
+                run.save(update_fields=["status", "error"])
+            run_send(run)
+            requeued.append(run.pk)
+    return requeued
+
+
+def fill_responses_requested() -> None:
+    """Ask a model worker for the responses of comparisons awaiting them (after commit; stale asks expire)."""
+    if not settings.MODEL_WORKER_ON_DEMAND:
+        return
+    from config.celery import app
+
+    transaction.on_commit(lambda: app.send_task(FILL_TASK, expires=settings.MODEL_WORKER_ASK_EXPIRES))
