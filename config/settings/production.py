@@ -1,10 +1,12 @@
 """Production settings: refuse to start with a weak SECRET_KEY or with DEBUG on; schema and UI for signed-in
-users only; no demo data."""
+users only; no demo data; static files collected into the image (Dockerfile) and served by whitenoise."""
+
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import DEVELOPMENT_SECRET_KEY, SPECTACULAR_SETTINGS, env
+from .base import BASE_DIR, DEVELOPMENT_SECRET_KEY, MIDDLEWARE, SPECTACULAR_SETTINGS, env
 
 if not env.str("SECRET_KEY", default=""):
     raise ImproperlyConfigured("SECRET_KEY must be set in the environment for production.")
@@ -27,6 +29,11 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = True
 SECURE_HSTS_PRELOAD = True
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True
+# `GET /healthz` for the container healthcheck, before host validation and the HTTPS redirect (config.health).
+MIDDLEWARE = ["config.health.HealthCheckMiddleware", *MIDDLEWARE]
+# A path of the code's tree, not of VAR_DIR (a run-time directory): `collectstatic` writes it when the image is
+# built, and whitenoise serves it at run time, whatever VAR_DIR the container is given. STATIC_ROOT overrides it.
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
