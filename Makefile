@@ -18,6 +18,7 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) manage.py migrate --no-input
 	$(PY) manage.py load_demo
+	$(PY) manage.py demo_policy
 	bin/run-dev
 
 lint: $(STAMP)

@@ -37,8 +37,8 @@ def reward_run_train(run: TrainingRun, control: RunControl) -> dict:
 
     params = dict(run.params)
     kind, batches, name = params.pop("kind"), params.pop("batches"), params.pop("name")
-    params.pop("adjusted", None)
-    params.pop("world_size", None)
+    for platform_key in ("adjusted", "world_size", "stage"):
+        params.pop(platform_key, None)
     init = params.get("init")
     if init is not None:
         policy = PolicyVersion.objects.filter(name=init).first()

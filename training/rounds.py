@@ -11,6 +11,7 @@ resumes the one that was running from its checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from annotation.models import Batch, BatchStatus, PolicyVersion, RunKind, RunStatus, TrainingRun
@@ -20,14 +21,13 @@ from training.run_control import RunCancelled, RunControl
 
 
 class Round:
-    def __init__(self, run: TrainingRun, control: RunControl):
+    def __init__(self, run: TrainingRun, control: RunControl, execute: Callable[[int], str]):
         self.run, self.control, self.params = run, control, run.params
+        self.execute_stage = execute  # training.runs.execute_run, passed in (runs dispatches to rounds)
         self.done = 0
 
     def stage(self, key: str, kind: str, params: dict[str, Any], total: int) -> TrainingRun:
         """The round's stage `key`: run it, or resume it, or take its earlier success."""
-        from training.runs import execute_run
-
         stage = self.run.stages.filter(params__stage=key).first()
         if stage is None:
             checked = run_params_check(kind, params)
@@ -36,7 +36,7 @@ class Round:
         if stage.status == RunStatus.RUNNING:  # its worker was this round's, which died: resume it here
             TrainingRun.objects.filter(pk=stage.pk, status=RunStatus.RUNNING).update(status=RunStatus.QUEUED)
         if stage.status != RunStatus.SUCCEEDED:
-            execute_run(stage.pk)
+            self.execute_stage(stage.pk)
             stage.refresh_from_db()
         self.control.check()
         if stage.status == RunStatus.CANCELLED:
@@ -93,5 +93,6 @@ class Round:
         return {"policy_version": final}
 
 
-def execute_round(run: TrainingRun, control: RunControl) -> dict[str, Any]:
-    return Round(run, control).execute()
+def execute_round(run: TrainingRun, control: RunControl, execute: Callable[[int], str]) -> dict[str, Any]:
+    """Run (or resume) the round; `execute` runs one stage by its run id."""
+    return Round(run, control, execute).execute()

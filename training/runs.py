@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # Parameters that name rows or say where data come from; the rest are the stage config's own fields.
 _PLATFORM_KEYS = {"policy", "policy_b", "prompts", "batches", "name", "world_size", "reward_model",
                   "safety_reward_model", "pool", "baseline", "make_current", "pending", "batch", "overlap",
-                  "test_size", "temperatures", "adjusted"}  # fmt: skip
+                  "test_size", "temperatures", "adjusted", "stage"}  # fmt: skip
 POLICY_KINDS = {RunKind.SFT: PolicyKind.SFT, RunKind.REJECTION_SAMPLING: PolicyKind.REJECTION_SAMPLING,
                 RunKind.PPO: PolicyKind.PPO, RunKind.DISTILLATION: PolicyKind.DISTILLATION}  # fmt: skip
 
@@ -305,7 +305,7 @@ def run_generation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
 def run_round(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     from training.rounds import execute_round
 
-    return execute_round(run, control)
+    return execute_round(run, control, execute_run)
 
 
 EXECUTORS: dict[str, Callable[[TrainingRun, RunControl], dict[str, Any]]] = {

@@ -60,7 +60,7 @@ def _f(low: float = 0.0, high: float = 1e6, **kw: Any) -> Param:
 
 _SAMPLING = {"max_new_tokens": _i(1, 4096), "top_p": _f(0.0, 1.0), "prompt_format": Param("choice", choices=("chat", "plain")),
              "batch_size": _i(1, 4096)}  # fmt: skip
-_FINETUNE = {"epochs": _i(1, 100), "max_steps": _i(1), "max_minutes": _f(0.01), "learning_rate": _f(0.0, 1.0),
+_FINETUNE = {"epochs": _i(1, 1_000_000), "max_steps": _i(1), "max_minutes": _f(0.01), "learning_rate": _f(0.0, 1.0),
              "global_batch_rows": _i(1, 65536), "micro_batch_rows": _i(1, 4096), "seq_len": _i(8, 131072),
              "checkpoint_every": _i(0), "seed": _i(0, 2**31)}  # fmt: skip
 _POLICY_IN = {"policy": Param("ref", ref="policy", help="policy version (default: the current one)"),
@@ -80,7 +80,7 @@ RUN_PARAMS: dict[str, dict[str, Param]] = {
         "init": Param("str", help="a policy version's name or a checkpoint directory"),
         "config": Param("choice", choices=("tiny", "tiny-ensemble", "small")),
         "tokenizer": Param("str"),
-        "max_steps": _i(1), "max_minutes": _f(0.01), "epochs": _i(1, 100), "learning_rate": _f(0.0, 1.0),
+        "max_steps": _i(1), "max_minutes": _f(0.01), "epochs": _i(1, 1_000_000), "learning_rate": _f(0.0, 1.0),
         "global_batch_size": _i(1, 65536), "micro_batch_size": _i(1, 4096), "margin": Param("choice", choices=("none", "small", "large")),
         "ensemble": _i(1, 16), "checkpoint_every": _i(0), "seed": _i(0, 2**31), "world_size": _i(1, 64),
     },  # fmt: skip
