@@ -32,7 +32,7 @@ from annotation.models import (
 )
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord, comparisons_store
 from annotation.services.policies import policy_register
-from annotation.services.runs import run_create, run_send, runs_reconcile
+from annotation.services.runs import run_create, runs_reconcile
 from annotation.tests.factories import BatchFactory, annotator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +141,8 @@ def test_a_written_prompt_is_answered_by_the_worker_and_then_served(workers, sto
     rater = APIClient()
     rater.force_authenticate(annotator("rater"))
     claimed = rater.post("/api/v1/tasks/next/", format="json")
-    assert claimed.status_code == 200 and claimed.json()["task_id"] == task.pk
+    assert claimed.status_code == 200
+    assert claimed.json()["task_id"] == task.pk
     print(json.dumps({"prompt_to_claimable_s": round(elapsed, 2)}))
 
 
@@ -186,14 +187,19 @@ def test_a_round_started_from_the_api_registers_models_and_policy_and_writes_the
     assert set(stages) == {"reward_model:helpfulness", "rejection_sampling", "evaluation", "generation"}
     assert all(s.status == RunStatus.SUCCEEDED for s in stages.values())
     rm = RewardModelVersion.objects.get(name="RLHF-V1-helpfulness")
-    assert "accuracy" in rm.metrics and list(rm.batches.values_list("name", flat=True)) == ["week-1"]
+    assert "accuracy" in rm.metrics
+    assert list(rm.batches.values_list("name", flat=True)) == ["week-1"]
     assert Batch.objects.get(name="week-1").status == "closed"
     v1 = PolicyVersion.objects.get(name="RLHF-V1")
-    assert v1.parent.name == "stories" and v1.kind == "rejection_sampling" and v1.is_current
-    assert v1.metrics["evaluation"]["baseline"] == "stories" and "win_rate" in v1.metrics["evaluation"]
+    assert v1.parent.name == "stories"
+    assert v1.kind == "rejection_sampling"
+    assert v1.is_current
+    assert v1.metrics["evaluation"]["baseline"] == "stories"
+    assert "win_rate" in v1.metrics["evaluation"]
     assert run.policy_version == v1
     next_tasks = ComparisonTask.objects.filter(batch__name="week-2")
-    assert next_tasks.count() == 3 and set(next_tasks.values_list("status", flat=True)) == {TaskStatus.OPEN}
+    assert next_tasks.count() == 3
+    assert set(next_tasks.values_list("status", flat=True)) == {TaskStatus.OPEN}
     assert set(Response.objects.filter(dialogue__tasks__batch__name="week-2").values_list("policy_version__name", flat=True)) == {"RLHF-V1"}
     task = raters[0].post("/api/v1/tasks/next/", format="json").json()
     assert ComparisonTask.objects.get(pk=task["task_id"]).batch.name == "week-2"
@@ -227,12 +233,14 @@ def test_kill_9_in_the_middle_of_a_reward_model_and_a_ppo_run_then_a_new_worker_
     workers.start(beat=True)
     wait_for(lambda: TrainingRun.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED, 240, "the resumed run", workers)
     killed = TrainingRun.objects.get(pk=run.pk)
-    assert killed.attempts == 2 and RewardModelVersion.objects.filter(name="RM-killed").count() == 1
+    assert killed.attempts == 2
+    assert RewardModelVersion.objects.filter(name="RM-killed").count() == 1
     whole = run_create(kind="reward_model", params={**rm_params, "name": "RM-whole"}, send=False)
     assert execute_run(whole.pk) == "succeeded"
     a = load_reward_model(RewardModelVersion.objects.get(name="RM-killed").checkpoint_uri)[0].state_dict()
     b = load_reward_model(RewardModelVersion.objects.get(name="RM-whole").checkpoint_uri)[0].state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
     prompts = Path(settings.ARTIFACTS_DIR) / "ppo-prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Once upon a time {i}"}) + "\n" for i in range(8)))
@@ -315,7 +323,8 @@ def test_cancel_from_the_api_stops_a_running_run_and_says_so(workers, stories, s
     steps_before = len(TrainingRun.objects.get(pk=run_id).metrics)
     assert researcher.post(f"/api/v1/training-runs/{run_id}/cancel/").status_code == 200
     run = wait_for(lambda: TrainingRun.objects.filter(pk=run_id, finished_at__isnull=False).first(), 30, "the stop", workers)
-    assert run.status == RunStatus.CANCELLED and "cancelled" in run.error
+    assert run.status == RunStatus.CANCELLED
+    assert "cancelled" in run.error
     assert steps_before <= len(run.metrics) < 100000
     assert not PolicyVersion.objects.filter(kind="sft").exists()
     assert researcher.post(f"/api/v1/training-runs/{run_id}/cancel/").status_code == 409

@@ -6,7 +6,15 @@ import json
 import pytest
 from rest_framework.test import APIClient
 
-from annotation.models import Annotation, Assignment, ComparisonTask, PolicyVersion, Prompt, RewardModelVersion, Role, TaskStatus
+from annotation.models import (
+    Annotation,
+    Assignment,
+    ComparisonTask,
+    Prompt,
+    RewardModelVersion,
+    Role,
+    TaskStatus,
+)
 from annotation.services.errors import InvalidInput
 from annotation.services.imports import ComparisonRecord, ResponseRecord, check_record
 from annotation.validation import check_json, check_text, check_time_on_task_ms

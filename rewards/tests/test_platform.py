@@ -94,5 +94,6 @@ def test_an_ensemble_runs_progress_counts_its_members_once(closed_batch, shared_
     assert steps == list(range(1, len(steps) + 1))
     assert [(m["part"], m["step"]) for m in run.metrics] == [(0, s) for s in steps] + [(1, s) for s in steps]
     # Each member's last step is written: half, then all of the run; never 1.0 and then 0.2 again.
-    assert 0.5 in written and written[-1] == 1.0
+    assert 0.5 in written
+    assert written[-1] == 1.0
     assert written == sorted(written)

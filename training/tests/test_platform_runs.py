@@ -13,7 +13,15 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from annotation.models import ComparisonTask, PolicyVersion, Response, Role, RunStatus, TaskStatus, TrainingRun
+from annotation.models import (
+    ComparisonTask,
+    PolicyVersion,
+    Response,
+    Role,
+    RunStatus,
+    TaskStatus,
+    TrainingRun,
+)
 from annotation.services.assignment import assignment_claim_next
 from annotation.services.dialogues import prompt_create
 from annotation.services.imports import ComparisonRecord, ResponseRecord, VoteRecord, comparisons_store
@@ -110,7 +118,8 @@ def test_starting_a_run_through_the_api_checks_kind_and_params_up_front(stories)
     assert response.status_code == 201, response.content
     run = TrainingRun.objects.get()
     assert run.params == {"prompts": "p.jsonl", "max_steps": 2, "policy": "stories"}  # the current policy filled in
-    assert run.status == RunStatus.QUEUED and run.queued_at is not None
+    assert run.status == RunStatus.QUEUED
+    assert run.queued_at is not None
 
 
 def test_a_reward_model_run_on_fewer_pairs_than_a_batch_is_fitted_to_them(stories):
@@ -130,7 +139,8 @@ def test_register_policy_command_takes_meta_and_hf_checkpoints_and_refuses_other
                                                                                   stories_tokenizer, tmp_path):
     call_command("register_policy", name="hf-tiny", checkpoint=str(tiny_policy_hf), tokenizer=str(stories_tokenizer))
     version = PolicyVersion.objects.get(name="hf-tiny")
-    assert version.metrics["layout"] == "hf" and not version.is_current
+    assert version.metrics["layout"] == "hf"
+    assert not version.is_current
     assert version.tokenizer_uri == str(stories_tokenizer.resolve())
     assert PolicyVersion.objects.get(name="stories").metrics["layout"] == "meta"
     (tmp_path / "empty").mkdir()
@@ -146,7 +156,8 @@ def test_register_policy_command_takes_meta_and_hf_checkpoints_and_refuses_other
 def test_a_stage_output_becomes_current_only_after_its_evaluation(stories):
     child = PolicyVersion.objects.create(name="child", kind="sft", parent=stories, checkpoint_uri=stories.checkpoint_uri)
     response = _api().post(f"/api/v1/policies/{child.pk}/current/")
-    assert response.status_code == 409 and "evaluated" in response.json()["detail"]
+    assert response.status_code == 409
+    assert "evaluated" in response.json()["detail"]
     child.metrics = {"evaluation": {"win_rate": 0.6}}
     child.save()
     assert _api().post(f"/api/v1/policies/{child.pk}/current/").status_code == 200
@@ -167,13 +178,17 @@ def test_a_written_prompt_gets_two_responses_from_the_current_policy_and_is_then
     task.refresh_from_db()
     assert task.status == TaskStatus.OPEN
     a, b = task.response_a, task.response_b
-    assert a.text and b.text and a.text != b.text
+    assert a.text
+    assert b.text
+    assert a.text != b.text
     assert {a.policy_version.name, b.policy_version.name} == {"stories"}
     assert {a.sampling["temperature"], b.sampling["temperature"]} == {0.6, 1.0}
     assert {a.sampling["variant"], b.sampling["variant"]} == {"a", "b"}
-    assert a.sampling["prompt_format"] == "plain" and a.sampling["seed"] in (11, 12)
+    assert a.sampling["prompt_format"] == "plain"
+    assert a.sampling["seed"] in (11, 12)
     assignment = assignment_claim_next(user=annotator("rater2"))
-    assert assignment is not None and assignment.task_id == task.pk
+    assert assignment is not None
+    assert assignment.task_id == task.pk
     # Nothing waits any more, and a second fill does nothing (no response written twice).
     assert fill_awaiting()["waiting"] == 0
     assert Response.objects.count() == 2
@@ -195,7 +210,8 @@ def test_generate_batch_opens_a_batch_whose_comparisons_hold_the_policys_respons
     assert tasks.count() == 4
     assert set(tasks.values_list("status", flat=True)) == {TaskStatus.OPEN}
     run = TrainingRun.objects.get(kind="generation")
-    assert run.status == RunStatus.SUCCEEDED and run.metrics[-1]["generation"]["filled"] == 4
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.metrics[-1]["generation"]["filled"] == 4
     with pytest.raises(CommandError, match="exists"):
         call_command("generate_batch", prompts=str(prompts), batch="week-2")
     bad = tmp_path / "bad.jsonl"
@@ -214,7 +230,9 @@ def test_a_claimed_run_is_not_claimed_again_until_its_heartbeat_stops(stories, s
     assert run_claim(run.pk, "t2") is None  # held: a re-delivered message does nothing
     TrainingRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=settings.RUN_STALE_SECONDS + 1))
     taken = run_claim(run.pk, "t3")
-    assert taken is not None and taken.attempts == 2 and taken.celery_task_id == "t3"
+    assert taken is not None
+    assert taken.attempts == 2
+    assert taken.celery_task_id == "t3"
     TrainingRun.objects.filter(pk=run.pk).update(status=RunStatus.SUCCEEDED)
     assert run_claim(run.pk, "t4") is None
 
@@ -240,7 +258,8 @@ def test_the_reconciler_requeues_dead_runs_and_resends_lost_messages_only(storie
     assert sorted(requeued) == sorted([dead.pk, lost.pk])
     assert sorted(sent) == sorted([("training.execute_run", [dead.pk]), ("training.execute_run", [lost.pk])])
     dead.refresh_from_db()
-    assert dead.status == RunStatus.QUEUED and "heartbeat" in dead.error
+    assert dead.status == RunStatus.QUEUED
+    assert "heartbeat" in dead.error
     for run in (alive, waiting, done):
         assert TrainingRun.objects.get(pk=run.pk).status == run.status
 
@@ -259,7 +278,8 @@ def test_a_cancel_stops_a_running_run_at_its_next_step(stories, tiny_policy, sto
     monkeypatch.setattr(run_control.RunControl, "report", cancel_at_step_3)
     assert execute_run(run.pk) == "cancelled"
     run.refresh_from_db()
-    assert run.status == RunStatus.CANCELLED and run.finished_at is not None
+    assert run.status == RunStatus.CANCELLED
+    assert run.finished_at is not None
     assert [m["step"] for m in run.metrics] == [1, 2, 3]
     assert "cancelled" in run.error
     assert not PolicyVersion.objects.filter(parent__name="tiny").exists()
@@ -274,8 +294,10 @@ def test_an_sft_run_registers_a_child_version_that_the_worker_can_sample(stories
     call_command("start_run", "sft", param=["policy=tiny", f"prompts={sft_prompts_file}", "max_steps=2",
                                             "global_batch_rows=2", "micro_batch_rows=2", "name=tiny-sft"])  # fmt: skip
     version = PolicyVersion.objects.get(name="tiny-sft")
-    assert version.parent.name == "tiny" and version.kind == "sft"
-    assert version.metrics["run"] == TrainingRun.objects.get(kind="sft").pk and version.metrics["prompt_format"] == "plain"
+    assert version.parent.name == "tiny"
+    assert version.kind == "sft"
+    assert version.metrics["run"] == TrainingRun.objects.get(kind="sft").pk
+    assert version.metrics["prompt_format"] == "plain"
     assert Path(version.checkpoint_uri, "params.json").is_file()
     batch = BatchFactory(name="wk")
     prompt_create(author=annotator("w"), text="Once", domain="helpfulness", batch=batch)
