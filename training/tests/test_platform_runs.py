@@ -100,6 +100,7 @@ def test_starting_a_run_through_the_api_checks_kind_and_params_up_front(stories)
         ({"kind": "ppo", "params": {"batches": ["nope"]}}, "unknown batch"),
         ({"kind": "ppo", "params": {"prompts": "p.jsonl", "batch_size": 10, "minibatch_size": 4}}, "multiple"),
         ({"kind": "teleport", "params": {}}, "kind"),
+        ({"kind": "sft", "params": {"prompts": "p.jsonl", "world_size": 2}}, "torchrun"),
         ({"kind": "reward_model", "params": {"kind": "helpfulness", "batches": ["wk"], "name": "RM", "init": "stories"}},
          "training pairs"),
         ({"kind": "generation", "params": {}}, "params.pending"),
