@@ -33,11 +33,13 @@ def reward_run_train(run: TrainingRun, control: RunControl) -> dict:
     The run's directory keeps the training data snapshot and the trainer's checkpoints, so a run started again
     after its worker died resumes (the snapshot of the first attempt is kept: the same data)."""
     from rewards.selectors import write_training_snapshot
-    from rewards.train import RewardTrainConfig, TrainProgress, train_reward_model
+    from rewards.train import RewardTrainConfig
+    from training.launch import run_stage
 
     params = dict(run.params)
+    world_size = params.get("world_size", 1)
     kind, batches, name = params.pop("kind"), params.pop("batches"), params.pop("name")
-    for platform_key in ("adjusted", "world_size", "stage"):
+    for platform_key in ("adjusted", "world_size", "stage"):  # the platform's, not the trainer's
         params.pop(platform_key, None)
     init = params.get("init")
     if init is not None:
@@ -52,20 +54,12 @@ def reward_run_train(run: TrainingRun, control: RunControl) -> dict:
     if not data.is_file() and write_training_snapshot(data, batches=batches) == 0:
         raise ValueError(f"batches {batches} hold no annotations")
     config = RewardTrainConfig(kind=kind, data=[str(data)], format="native", out_dir=str(out), **params)
-
-    def on_progress(p: TrainProgress) -> None:
-        point = {"step": p.step, "loss": round(p.loss, 5), "accuracy": round(p.accuracy, 4),
-                 "validation_accuracy": p.validation_accuracy}  # fmt: skip
-        if p.parts > 1:
-            point["part"] = p.part  # an ensemble member's or soup ingredient's steps count from 1 again
-        control.report(p.fraction, point, force=p.step == p.total_steps)
-
-    result = train_reward_model(config, progress=on_progress)
+    result = run_stage("reward_model", config, control.report, world_size=world_size, directory=out / "launch")
     with transaction.atomic():
         version, _ = RewardModelVersion.objects.get_or_create(
             name=name,
-            defaults={"kind": kind, "checkpoint_uri": str(Path(result.out_dir).resolve()),
-                      "metrics": {**(result.test_report or {}), "stopped": result.stopped, "steps": result.steps}},
+            defaults={"kind": kind, "checkpoint_uri": str(Path(result["out_dir"]).resolve()),
+                      "metrics": {**(result["test_report"] or {}), "stopped": result["stopped"], "steps": result["steps"]}},
         )  # fmt: skip
         version.batches.set(Batch.objects.filter(name__in=batches))
     return {"reward_model_version": version}

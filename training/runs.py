@@ -153,16 +153,12 @@ def _policy_inputs(run: TrainingRun) -> tuple[PolicyVersion, dict[str, Any]]:
     return parent, values
 
 
-def _stage_progress(control: RunControl) -> Callable[[Any], None]:
-    """A StageProgress callback: sampling and scoring take the first half of the bar, SFT the second."""
-    def report(p: Any) -> None:
-        part = p.done / max(p.total, 1)
-        if p.stage == "sft":
-            point = {"step": p.step.step, "loss": round(p.step.loss, 5)} if p.step is not None else None
-            control.report(0.5 + 0.5 * part, point)
-        else:
-            control.report(0.5 * part if p.stage == "sampling" else 0.5)
-    return report
+def _stage(run: TrainingRun, control: RunControl, kind: str, config: Any) -> dict[str, Any]:
+    """The stage, here or under torchrun with the run's `world_size` processes; its result as a dict."""
+    from training.launch import run_stage
+
+    return run_stage(kind, config, control.report, world_size=run.params.get("world_size", 1),
+                     directory=run_dir(run) / "launch")
 
 
 # ---------------------------------------------------------------------------------------------------- kinds
@@ -176,7 +172,7 @@ def run_reward_model(run: TrainingRun, control: RunControl) -> dict[str, Any]:
 
 def run_sft(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     from rewards.selectors import write_training_snapshot
-    from training.sft import POLICY_DIR, SFTConfig, train_sft
+    from training.sft import POLICY_DIR, SFTConfig
 
     out = run_dir(run)
     _, inputs = _policy_inputs(run)
@@ -189,14 +185,11 @@ def run_sft(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     config = SFTConfig(init=inputs["policy"], tokenizer=inputs["tokenizer"], prompt_format=inputs["prompt_format"],
                        data=[data], format=fmt, split="train" if fmt == "native" else "all", out_dir=str(out),
                        **config_fields(run.params, SFTConfig))  # fmt: skip
-    result = train_sft(config, progress=lambda p: control.report(p.fraction, {"step": p.step, "loss": round(p.loss, 5)}))
-    report = result.to_dict()
-    return register_output(run, out / POLICY_DIR, report)
+    return register_output(run, out / POLICY_DIR, _stage(run, control, "sft", config))
 
 
 def run_rejection_sampling(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     from training.rejection_sampling import RejectionSamplingConfig
-    from training.rejection_sampling import run_rejection_sampling as rs
 
     out = run_dir(run)
     _, inputs = _policy_inputs(run)
@@ -205,7 +198,7 @@ def run_rejection_sampling(run: TrainingRun, control: RunControl) -> dict[str, A
     config = RejectionSamplingConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), reward_model=helpful,
                                      safety_reward_model=safety, pool=pool,
                                      **config_fields(run.params, RejectionSamplingConfig))  # fmt: skip
-    report = rs(config, progress=_stage_progress(control))
+    report = _stage(run, control, "rejection_sampling", config)
     if not report.get("policy_dir"):
         raise ValueError("rejection sampling kept no answer to fine-tune on")
     return register_output(run, Path(report["policy_dir"]), report)
@@ -213,34 +206,28 @@ def run_rejection_sampling(run: TrainingRun, control: RunControl) -> dict[str, A
 
 def run_distillation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     from training.distill import DistillConfig
-    from training.distill import run_distillation as distill
 
     out = run_dir(run)
     _, inputs = _policy_inputs(run)
     _, safety = reward_models(run.params, need="safety")
     config = DistillConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), safety_reward_model=safety,
                            **config_fields(run.params, DistillConfig))  # fmt: skip
-    report = distill(config, progress=_stage_progress(control))
+    report = _stage(run, control, "distillation", config)
     if not report.get("policy_dir"):
         raise ValueError("context distillation kept no answer: the preprompt improved no safety score")
     return register_output(run, Path(report["policy_dir"]), report)
 
 
 def run_ppo(run: TrainingRun, control: RunControl) -> dict[str, Any]:
-    from training.ppo import PPOConfig, train_ppo
+    from training.ppo import PPOConfig
 
     out = run_dir(run)
     _, inputs = _policy_inputs(run)
     helpful, safety = reward_models(run.params)
     config = PPOConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), reward_model=helpful,
                        safety_reward_model=safety, **config_fields(run.params, PPOConfig))  # fmt: skip
-    keys = ("iteration", "reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "response_length")
-
-    def on_iteration(record: dict[str, Any]) -> None:
-        control.report(record["iteration"] / config.iterations, {k: record[k] for k in keys if k in record})
-
-    result = train_ppo(config, on_iteration=on_iteration)
-    return register_output(run, Path(result.policy_dir), result.to_dict())
+    result = _stage(run, control, "ppo", config)
+    return register_output(run, Path(result["policy_dir"]), result)
 
 
 def run_evaluation(run: TrainingRun, control: RunControl) -> dict[str, Any]:

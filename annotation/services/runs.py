@@ -224,9 +224,6 @@ def _fit_reward_model(params: dict[str, Any]) -> None:
 
 
 def _check_shape(kind: str, params: dict[str, Any]) -> None:
-    if params.get("world_size", 1) > 1:  # refused rather than silently run on one process
-        raise InvalidInput("params.world_size: a worker does not launch torchrun runs yet; run the stage's CLI under "
-                           "torchrun on the GPU node and register its output (register_policy)", field="params.world_size")
     if kind == RunKind.REWARD_MODEL:
         _fit_reward_model(params)
     if kind in (RunKind.SFT, RunKind.REJECTION_SAMPLING, RunKind.PPO, RunKind.DISTILLATION):

@@ -93,7 +93,7 @@ def test_an_ensemble_runs_progress_counts_its_members_once(closed_batch, shared_
     steps = [m["step"] for m in run.metrics if m["part"] == 0]
     assert steps == list(range(1, len(steps) + 1))
     assert [(m["part"], m["step"]) for m in run.metrics] == [(0, s) for s in steps] + [(1, s) for s in steps]
-    # Each member's last step is written: half, then all of the run; never 1.0 and then 0.2 again.
-    assert 0.5 in written
+    # The run's progress only grows (never 1.0 after the first member, then 0.2 again) and ends at all of it.
+    assert written
     assert written[-1] == 1.0
     assert written == sorted(written)

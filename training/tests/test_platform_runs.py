@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -100,7 +102,7 @@ def test_starting_a_run_through_the_api_checks_kind_and_params_up_front(stories)
         ({"kind": "ppo", "params": {"batches": ["nope"]}}, "unknown batch"),
         ({"kind": "ppo", "params": {"prompts": "p.jsonl", "batch_size": 10, "minibatch_size": 4}}, "multiple"),
         ({"kind": "teleport", "params": {}}, "kind"),
-        ({"kind": "sft", "params": {"prompts": "p.jsonl", "world_size": 2}}, "torchrun"),
+        ({"kind": "sft", "params": {"prompts": "p.jsonl", "world_size": 65}}, "params.world_size"),
         ({"kind": "reward_model", "params": {"kind": "helpfulness", "batches": ["wk"], "name": "RM", "init": "stories"}},
          "training pairs"),
         ({"kind": "generation", "params": {}}, "params.pending"),
@@ -303,3 +305,59 @@ def test_an_sft_run_registers_a_child_version_that_the_worker_can_sample(stories
     batch = BatchFactory(name="wk")
     prompt_create(author=annotator("w"), text="Once", domain="helpfulness", batch=batch)
     assert fill_awaiting(policy="tiny-sft", settings=ResponderSettings(max_new_tokens=8, seed=1))["filled"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def settings_artifacts() -> str:
+    from django.conf import settings
+
+    return str(settings.ARTIFACTS_DIR)
+
+
+def test_a_run_with_world_size_2_is_launched_under_torchrun_and_matches_one_process(
+        stories, tiny_policy, stories_tokenizer, sft_prompts_file):
+    """The worker launches torchrun for the run; rank 0's progress reaches the row; the weights match one process
+    with the same global batch (DDP: the same gradient up to the order of a sum)."""
+    from training.llama.checkpoint import load_checkpoint
+
+    policy_register(name="tiny", checkpoint=str(tiny_policy), tokenizer=str(stories_tokenizer), prompt_format="plain")
+    common = {"policy": "tiny", "prompts": str(sft_prompts_file), "seq_len": 32, "global_batch_rows": 2,
+              "micro_batch_rows": 1, "learning_rate": 1e-2, "max_steps": 3}  # fmt: skip
+    two = run_create(kind="sft", params={**common, "world_size": 2, "name": "tiny-ddp"}, send=False)
+    one = run_create(kind="sft", params={**common, "name": "tiny-one"}, send=False)
+    assert execute_run(two.pk) == "succeeded", TrainingRun.objects.get(pk=two.pk).error
+    assert execute_run(one.pk) == "succeeded"
+    two.refresh_from_db()
+    assert [m["step"] for m in two.metrics] == [1, 2, 3]
+    launch = Path(settings_artifacts()) / "runs" / f"{two.pk}-sft" / "launch"
+    assert (launch / "torchrun.log").is_file()
+    assert json.loads((launch / "result.json").read_text())["steps"] == 3
+    weights = {v: load_checkpoint(PolicyVersion.objects.get(name=v).checkpoint_uri, device="cpu")[0].state_dict()
+               for v in ("tiny-ddp", "tiny-one")}  # fmt: skip
+    start = load_checkpoint(str(tiny_policy), device="cpu")[0].state_dict()
+    for name, tensor in weights["tiny-one"].items():
+        assert not torch.equal(tensor, start[name]), name
+        torch.testing.assert_close(weights["tiny-ddp"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_kills_a_launched_runs_processes(stories, tiny_policy, stories_tokenizer, sft_prompts_file, monkeypatch):
+    policy_register(name="tiny", checkpoint=str(tiny_policy), tokenizer=str(stories_tokenizer), prompt_format="plain")
+    run = run_create(kind="sft", params={"policy": "tiny", "prompts": str(sft_prompts_file), "seq_len": 32,
+                                         "global_batch_rows": 2, "micro_batch_rows": 1, "max_steps": 100000,
+                                         "epochs": 100000, "world_size": 2}, send=False)  # fmt: skip
+    report = run_control.RunControl.report
+
+    def cancel_at_step_2(self, fraction=None, point=None, *, force=False):
+        if point and point.get("step") == 2:
+            run_cancel(run_id=self.run_id)
+        return report(self, fraction, point, force=force)
+
+    monkeypatch.setattr(run_control.RunControl, "report", cancel_at_step_2)
+    assert execute_run(run.pk) == "cancelled"
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    assert run.metrics[-1]["step"] < 1000
+    launched = Path(settings_artifacts()) / "runs" / f"{run.pk}-sft" / "launch"
+    alive = subprocess.run(["pgrep", "-f", str(launched)], capture_output=True, text=True).stdout.split()
+    assert not alive, "the run's torchrun and ranks outlived the cancel"
