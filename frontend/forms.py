@@ -95,3 +95,62 @@ class LoginForm(ThrottledLoginMixin, AuthenticationForm):
 
 class AdminLoginForm(ThrottledLoginMixin, AdminAuthenticationForm):
     pass
+
+
+RUN_KINDS = [("reward_model", "Reward model"), ("sft", "SFT"), ("rejection_sampling", "Rejection sampling"),
+             ("ppo", "PPO"), ("distillation", "Context distillation"), ("generation", "Generation (model worker)"),
+             ("evaluation", "Evaluation"), ("round", "A whole round")]  # fmt: skip
+
+
+class JSONObjectField(forms.CharField):
+    def to_python(self, value):
+        import json
+
+        value = super().to_python(value)
+        if not value:
+            return {}
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise forms.ValidationError(f"params is not JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        if not isinstance(parsed, dict):
+            raise forms.ValidationError("params must be a JSON object, e.g. {\"iterations\": 20}")
+        return parsed
+
+
+class RunStartForm(forms.Form):
+    """Any kind of run, with its parameters as the API takes them (checked by annotation.services.runs)."""
+
+    kind = forms.ChoiceField(choices=RUN_KINDS)
+    params = JSONObjectField(required=False, max_length=20_000, widget=forms.Textarea(attrs={"rows": 4}))
+
+
+class RoundStartForm(forms.Form):
+    """One round of the process: the batches it closes and learns from, and the next batch's prompts."""
+
+    batches = forms.MultipleChoiceField(choices=[], widget=forms.CheckboxSelectMultiple)
+    name = forms.CharField(required=False, max_length=100, help_text="the new policy version (default RLHF-V<n>)")
+    ppo_iterations = forms.IntegerField(required=False, min_value=1, help_text="run PPO after rejection sampling")
+    next_prompts = forms.CharField(required=False, max_length=500, help_text="prompts file of the next batch")
+    next_batch = forms.CharField(required=False, max_length=100)
+
+    def __init__(self, *args, batch_names: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["batches"].choices = [(n, n) for n in batch_names]
+
+    def clean(self):
+        data = super().clean()
+        if bool(data.get("next_prompts")) != bool(data.get("next_batch")):
+            raise forms.ValidationError("give the next batch's prompts file and its name together")
+        return data
+
+    def params(self) -> dict:
+        d = self.cleaned_data
+        params: dict = {"batches": d["batches"]}
+        if d.get("name"):
+            params["name"] = d["name"]
+        if d.get("ppo_iterations"):
+            params["ppo"] = {"iterations": d["ppo_iterations"]}
+        if d.get("next_prompts"):
+            params["generation"] = {"prompts": d["next_prompts"], "batch": d["next_batch"]}
+        return params

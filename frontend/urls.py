@@ -21,4 +21,5 @@ urlpatterns = [
     path("dashboard/", dashboard.dashboard, name="dashboard"),
     path("dashboard/runs/", dashboard.runs_fragment, name="dashboard-runs"),
     path("dashboard/runs/<int:run_id>/cancel/", dashboard.run_cancel, name="run-cancel"),
+    path("dashboard/runs/start/", dashboard.run_start, name="run-start"),
 ]

@@ -722,7 +722,7 @@ PASSWORD = "deploy-check-password-123"
 FRONTEND_PAGES = {
     "home": 302, "login": 200, "logout": 405, "annotate": 200, "annotate-next": 405, "annotate-submit": 405,
     "annotate-skip": 405, "prompt-write": 200, "guidelines": 200, "guidelines-domain": 200, "review": 200,
-    "review-task": 200, "dashboard": 200, "dashboard-runs": 200, "run-cancel": 405,
+    "review-task": 200, "dashboard": 200, "dashboard-runs": 200, "run-cancel": 405, "run-start": 405,
 }  # fmt: skip
 STATIC_REFERENCE = re.compile(r"""(?:src|href)=["'](/static/[^"'?#]+)""")
 CSS_URL = re.compile(r"""url\(\s*["']?([^"')]+)["']?\s*\)""")

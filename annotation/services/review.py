@@ -2,7 +2,6 @@
 
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Q, QuerySet
-from django.utils import timezone
 
 from annotation.models import (
     Adjudication,
@@ -11,8 +10,6 @@ from annotation.models import (
     Domain,
     Guideline,
     Role,
-    RunStatus,
-    TrainingRun,
 )
 from annotation.scales import Choice, SafetyLabel, Strength
 
@@ -83,17 +80,3 @@ def guideline_save(*, domain: str, text: str, user) -> Guideline:
         raise InvalidInput(f"domain must be one of {Domain.values}", field="domain")
     guideline, _ = Guideline.objects.update_or_create(domain=domain, defaults={"text": text, "updated_by": user})
     return guideline
-
-
-@transaction.atomic
-def training_run_cancel(*, run_id: int) -> TrainingRun:
-    """Mark a queued or running job cancelled; the training worker checks the status and stops."""
-    run = TrainingRun.objects.select_for_update().filter(pk=run_id).first()
-    if run is None:
-        raise NotFound(f"training run {run_id} does not exist")
-    if run.status not in (RunStatus.QUEUED, RunStatus.RUNNING):
-        raise Conflict(f"run {run_id} is {run.status}; only queued or running runs can be cancelled")
-    run.status = RunStatus.CANCELLED
-    run.finished_at = timezone.now()
-    run.save(update_fields=["status", "finished_at"])
-    return run

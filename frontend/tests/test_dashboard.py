@@ -74,10 +74,11 @@ def test_cancel_a_running_run(researcher_client, registry):
     response = researcher_client.post(f"/dashboard/runs/{registry.id}/cancel/", follow=True)
     registry.refresh_from_db()
     assert registry.status == RunStatus.CANCELLED
-    assert registry.finished_at is not None
+    assert registry.finished_at is None  # its worker writes when it stopped, at its next step
+    assert "stops at the next step" in registry.error
     assert "cancelled" in response.content.decode()
     again = researcher_client.post(f"/dashboard/runs/{registry.id}/cancel/", follow=True)
-    assert "only queued or running runs can be cancelled" in again.content.decode()
+    assert "only a queued or running run can be cancelled" in again.content.decode()
 
 
 def test_runs_fragment_and_cancel_are_for_researchers(annotator_client, registry):
@@ -111,3 +112,48 @@ def test_an_ensemble_runs_members_draw_one_after_another():
     assert [p["loss"] for p in _steps_in_turn(points)] == [p["loss"] for p in points]
     plain = [{"step": s, "loss": 0.5} for s in (0, 5, 10)]
     assert _steps_in_turn(plain) == plain
+
+
+def test_a_researcher_starts_a_round_and_a_run_from_the_dashboard(researcher_client, tasks):
+    from annotation.models import Batch
+
+    batch_name = Batch.objects.order_by("id").first().name
+    page = researcher_client.get("/dashboard/")
+    assert b"Start a round" in page.content
+    assert batch_name.encode() in page.content
+    response = researcher_client.post("/dashboard/runs/start/", {"form": "round", "batches": [batch_name], "name": "RLHF-V7",
+                                                                 "ppo_iterations": 5})  # fmt: skip
+    assert response.status_code == 302
+    run = TrainingRun.objects.get(kind="round")
+    assert run.params == {"batches": [batch_name], "name": "RLHF-V7", "ppo": {"iterations": 5}}
+    assert run.status == RunStatus.QUEUED
+
+    refused = researcher_client.post("/dashboard/runs/start/", {"form": "run", "kind": "ppo", "params": '{"iterations": 0}'})
+    assert refused.status_code == 400
+    assert b"params.iterations: must be between 1" in refused.content
+    not_json = researcher_client.post("/dashboard/runs/start/", {"form": "run", "kind": "ppo", "params": "{iterations"})
+    assert not_json.status_code == 400
+    assert b"params is not JSON" in not_json.content
+    assert TrainingRun.objects.count() == 1
+
+
+def test_a_rounds_stages_show_as_a_chain_under_it(researcher_client, db):
+    round_run = TrainingRun.objects.create(kind="round", status=RunStatus.RUNNING, params={"batches": ["w"]})
+    rm = RewardModelVersion.objects.create(name="V1-helpfulness", kind="helpfulness")
+    TrainingRun.objects.create(kind="reward_model", parent=round_run, status=RunStatus.SUCCEEDED,
+                               params={"kind": "helpfulness", "stage": "reward_model:helpfulness"}, reward_model_version=rm)
+    TrainingRun.objects.create(kind="rejection_sampling", parent=round_run, status=RunStatus.RUNNING, progress=0.25,
+                               params={"stage": "rejection_sampling"})  # fmt: skip
+    html = researcher_client.get("/dashboard/runs/").content.decode()
+    chain = re.search(r'<ol class="lineage chain" aria-label="Run \d+ stages">(.*?)</ol>', html, re.S).group(1)
+    assert "Reward Model (helpfulness)" in chain
+    assert "→ V1-helpfulness" in chain
+    assert "Rejection Sampling" in chain
+    assert "running 25%" in chain
+    assert html.count('<article class="run"') == 1  # the stages are not listed again as runs of their own
+
+
+def test_annotators_cannot_start_runs(client, db):
+    client.force_login(annotator("ann"))
+    assert client.post("/dashboard/runs/start/", {"form": "run", "kind": "sft", "params": "{}"}).status_code == 403
+    assert not TrainingRun.objects.exists()

@@ -8,10 +8,12 @@ from annotation.models import Batch, PolicyVersion, RewardModelVersion, RunStatu
 from annotation.scales import Strength
 from annotation.selectors import annotator_quality, batch_stats_cached
 from annotation.services.errors import AnnotationError
-from annotation.services.review import training_run_cancel
+from annotation.services.runs import run_cancel as run_cancel_service
+from annotation.services.runs import run_create
 
 from .. import charts
 from ..access import DASHBOARD_ROLES, role_required
+from ..forms import RoundStartForm, RunStartForm
 
 STRENGTH_LABELS = {
     Strength.SIGNIFICANTLY_BETTER: "Significantly better",
@@ -157,9 +159,19 @@ def _steps_in_turn(points: list[dict]) -> list[dict]:
     return out
 
 
+def _stage_rows(run: TrainingRun) -> list[dict]:
+    """A round's stages in the order they ran: kind, status, progress and what each produced."""
+    return [
+        {"run": s, "progress_pct": round(100 * s.progress), "made": s.policy_version or s.reward_model_version}
+        for s in run.stages.select_related("policy_version", "reward_model_version").order_by("id")
+    ]
+
+
 def run_rows(limit: int = 20) -> list[dict]:
+    """Top-level runs, newest first; a round carries its stages as a chain."""
     rows = []
-    for run in TrainingRun.objects.select_related("policy_version", "reward_model_version")[:limit]:
+    runs = TrainingRun.objects.filter(parent__isnull=True).select_related("policy_version", "reward_model_version")
+    for run in runs[:limit]:
         points = [p for p in run.metrics if isinstance(p, dict) and _number(p.get("step")) is not None] if isinstance(
             run.metrics, list) else []  # fmt: skip
         points = _steps_in_turn(points)
@@ -176,6 +188,7 @@ def run_rows(limit: int = 20) -> list[dict]:
                 "run": run,
                 "progress_pct": round(100 * run.progress),
                 "live": run.status in LIVE,
+                "stages": _stage_rows(run) if run.kind == "round" else [],
                 "loss_chart": charts.line_chart([("loss", loss)], title=f"Run {run.id}: loss", x_label="step") if loss else "",
                 "reward_chart": charts.line_chart(others, title=f"Run {run.id}: reward and accuracy", x_label="step") if others else "",
             }
@@ -183,13 +196,19 @@ def run_rows(limit: int = 20) -> list[dict]:
     return rows
 
 
+def _batch_names() -> list[str]:
+    return list(Batch.objects.order_by("-created_at", "-id").values_list("name", flat=True)[:50])
+
+
 @role_required(*DASHBOARD_ROLES)
-def dashboard(request):
+def dashboard(request, run_form: RunStartForm | None = None, round_form: RoundStartForm | None = None, status=200):
     runs = run_rows()
     return render(
         request,
         "frontend/dashboard.html",
         {
+            "run_form": run_form or RunStartForm(),
+            "round_form": round_form or RoundStartForm(batch_names=_batch_names()),
             "nav": "dashboard",
             "batches": batch_panels(),
             "annotators": annotator_panel(),
@@ -198,7 +217,28 @@ def dashboard(request):
             "runs": runs,
             "any_live": any(r["live"] for r in runs),
         },
+        status=status,
     )
+
+
+@require_POST
+@role_required(*DASHBOARD_ROLES)
+def run_start(request):
+    """Start a run of any kind, or a round, from the dashboard; a refusal is shown on the form (400)."""
+    is_round = request.POST.get("form") == "round"
+    form = RoundStartForm(request.POST, batch_names=_batch_names()) if is_round else RunStartForm(request.POST)
+    if form.is_valid():
+        kind = "round" if is_round else form.cleaned_data["kind"]
+        params = form.params() if is_round else form.cleaned_data["params"]
+        try:
+            run = run_create(kind=kind, params=params, user=request.user)
+        except AnnotationError as error:
+            form.add_error(None, error.message)
+        else:
+            messages.success(request, f"Run {run.pk} ({kind}) queued; a worker on the gpu queue takes it.")
+            return redirect("frontend:dashboard")
+    forms_ = {"round_form": form} if is_round else {"run_form": form}
+    return dashboard.__wrapped__(request, status=400, **forms_)
 
 
 @role_required(*DASHBOARD_ROLES)
@@ -212,9 +252,9 @@ def runs_fragment(request):
 @role_required(*DASHBOARD_ROLES)
 def run_cancel(request, run_id: int):
     try:
-        training_run_cancel(run_id=run_id)
+        run_cancel_service(run_id=run_id)
     except AnnotationError as error:
         messages.error(request, error.message)
     else:
-        messages.success(request, f"Run {run_id} cancelled; its worker stops at its next checkpoint.")
+        messages.success(request, f"Run {run_id} cancelled; a queued run never starts, a running one stops at its next step.")
     return redirect("frontend:dashboard")
