@@ -172,8 +172,7 @@ def test_a_round_started_from_the_api_registers_models_and_policy_and_writes_the
     response = researcher.post("/api/v1/training-runs/", {"kind": "round", "params": {
         "batches": ["week-1"], "name": "RLHF-V1",
         "reward_model": {"config": "tiny", "max_steps": 3},
-        "rejection_sampling": {"samples": 2, "max_steps": 2, "global_batch_rows": 2, "micro_batch_rows": 2, "seq_len": 32,
-                               **small},
+        "rejection_sampling": {"samples": 2, "max_steps": 2, "global_batch_rows": 2, "micro_batch_rows": 2, **small},
         "evaluation": small, "generation": {"prompts": str(prompts), "batch": "week-2", "max_new_tokens": 8},
     }}, format="json")  # fmt: skip
     assert response.status_code == 201, response.content

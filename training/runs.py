@@ -184,7 +184,7 @@ def run_sft(run: TrainingRun, control: RunControl) -> dict[str, Any]:
             raise ValueError(f"batches {run.params['batches']} hold no annotations")
     config = SFTConfig(init=inputs["policy"], tokenizer=inputs["tokenizer"], prompt_format=inputs["prompt_format"],
                        data=[data], format=fmt, split="train" if fmt == "native" else "all", out_dir=str(out),
-                       **config_fields(run.params, SFTConfig))  # fmt: skip
+                       fit_batch=True, **config_fields(run.params, SFTConfig))  # fmt: skip
     return register_output(run, out / POLICY_DIR, _stage(run, control, "sft", config))
 
 
@@ -196,7 +196,7 @@ def run_rejection_sampling(run: TrainingRun, control: RunControl) -> dict[str, A
     helpful, safety = reward_models(run.params)
     pool = [str(run_dir(TrainingRun.objects.get(pk=i))) for i in run.params.get("pool", [])]
     config = RejectionSamplingConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), reward_model=helpful,
-                                     safety_reward_model=safety, pool=pool,
+                                     safety_reward_model=safety, pool=pool, fit_batch=True,
                                      **config_fields(run.params, RejectionSamplingConfig))  # fmt: skip
     report = _stage(run, control, "rejection_sampling", config)
     if not report.get("policy_dir"):
@@ -211,7 +211,7 @@ def run_distillation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     _, inputs = _policy_inputs(run)
     _, safety = reward_models(run.params, need="safety")
     config = DistillConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), safety_reward_model=safety,
-                           **config_fields(run.params, DistillConfig))  # fmt: skip
+                           fit_batch=True, **config_fields(run.params, DistillConfig))  # fmt: skip
     report = _stage(run, control, "distillation", config)
     if not report.get("policy_dir"):
         raise ValueError("context distillation kept no answer: the preprompt improved no safety score")

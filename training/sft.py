@@ -95,6 +95,7 @@ class SFTConfig:
     bf16: bool = True  # autocast to bfloat16 on GPU
     activation_checkpointing: bool = False
     sharding: str = "ddp"  # under torchrun: ddp (a full copy a process) or fsdp (weights, gradients, optimizer sharded)
+    fit_batch: bool = False  # fewer rows than a global batch: shrink the batch to the rows rather than refuse
     num_threads: int | None = None
 
     def check(self) -> None:
@@ -218,6 +219,14 @@ def pack_rows(tokenizer: Tokenizer, examples: Sequence[Example], config: SFTConf
     return pack_examples(fitted, seq_len), sum(len(ids) > seq_len for ids, _ in encoded)
 
 
+def fit_batch_to_rows(config: SFTConfig, n_rows: int, world_size: int) -> SFTConfig:
+    """The config with the largest global batch that `n_rows` fill, in whole micro batches on every process (a
+    smaller micro batch where even one of the configured size per process does not fit)."""
+    micro = config.micro_batch_rows if n_rows >= config.micro_batch_rows * world_size else max(1, n_rows // world_size)
+    unit = micro * world_size
+    return dataclasses.replace(config, micro_batch_rows=micro, global_batch_rows=max(unit, n_rows // unit * unit))
+
+
 def epoch_order(n_rows: int, *, seed: int, epoch: int) -> list[int]:
     """The rows of one epoch in a seeded order: the same on every process and after a resume."""
     order = list(range(n_rows))
@@ -317,6 +326,8 @@ def train_sft(config: SFTConfig, *, progress: Callable[[StepProgress], None] | N
     examples, skipped = read_examples(config)
     rows, n_shortened = pack_rows(tokenizer, examples, config, seq_len)
     n_rows = rows.tokens.shape[0]
+    if n_rows < config.global_batch_rows and config.fit_batch:
+        config = fit_batch_to_rows(config, n_rows, dist_.world_size)
     steps_per_epoch = n_rows // config.global_batch_rows
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} examples pack into {n_rows} rows of {seq_len} tokens, fewer than one global "

@@ -214,6 +214,7 @@ class FineTuneOptions:
     min_warmup_steps: int = 5
     checkpoint_every: int = 50
     sharding: str = "ddp"  # under torchrun: ddp or fsdp (training.sft)
+    fit_batch: bool = False  # training.sft: shrink the batch to fewer rows rather than refuse
     seed: int = 0
     device: str | None = None
     num_threads: int | None = None

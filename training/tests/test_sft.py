@@ -205,6 +205,12 @@ def test_preference_files_give_their_chosen_replies_and_respect_the_split(tmp_pa
 def test_bad_settings_are_clear_errors(tmp_path, tiny_policy, stories_tokenizer, sft_prompts_file, capsys):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         train_sft(_config(tmp_path, tiny_policy, stories_tokenizer, sft_prompts_file, global_batch_rows=64))
+    # What platform runs ask for: a batch larger than the data shrinks to the rows it has (here 6 examples, 2 rows).
+    fitted = train_sft(_config(tmp_path / "fit", tiny_policy, stories_tokenizer, sft_prompts_file, global_batch_rows=64,
+                               micro_batch_rows=4, fit_batch=True, max_steps=1))  # fmt: skip
+    assert fitted.steps == 1
+    report = json.loads((tmp_path / "fit" / "sft" / "sft_report.json").read_text())
+    assert report["config"]["global_batch_rows"] == fitted.n_rows <= 4
     bad = write_prompts([PromptRecord.of("no answer here")], tmp_path / "bad.jsonl")
     assert main(["--init", str(tiny_policy), "--tokenizer", str(stories_tokenizer), "--data", str(bad),
                  "--format", "prompts", "--out", str(tmp_path / "x"), "--quiet"]) == 2
