@@ -8,6 +8,9 @@ from itertools import permutations
 # count them, without sending every unit).
 Units = Iterable[Sequence[Hashable]] | Mapping[tuple, int]
 
+# The metrics of krippendorff_alpha (Krippendorff 2011, "Computing Krippendorff's Alpha-Reliability").
+LEVELS = ("nominal", "ordinal", "interval")
+
 
 def percent_agreement(units: Units) -> float | None:
     """Share of annotator pairs within the same unit that gave the same value; None without pairs."""
@@ -34,11 +37,12 @@ def _distinct_units(units: Units) -> dict[tuple, int]:
 def krippendorff_alpha(units: Units, *, level: str = "nominal") -> float | None:
     """Krippendorff's alpha over units of values (units with fewer than two values are not pairable).
 
-    `level` is "nominal" (any difference counts 1) or "ordinal" (values are ordered; the distance
-    between two values grows with how many judgements fall between them). None when undefined.
+    `level` is "nominal" (any difference counts 1), "ordinal" (values are ordered; the distance
+    between two values grows with how many judgements fall between them) or "interval" (numbers; the
+    squared difference, as for a Likert scale read as equally spaced). None when undefined.
     """
-    if level not in ("nominal", "ordinal"):
-        raise ValueError(f"level must be 'nominal' or 'ordinal', got {level!r}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(map(repr, LEVELS))}, got {level!r}")
     coincidence: dict[tuple, float] = defaultdict(float)
     for values, n_units in _distinct_units(units).items():
         m = len(values)
@@ -60,6 +64,11 @@ def krippendorff_alpha(units: Units, *, level: str = "nominal") -> float | None:
 
         def delta(a, b) -> float:
             return 0.0 if a == b else 1.0
+
+    elif level == "interval":
+
+        def delta(a, b) -> float:
+            return float(a - b) ** 2
 
     else:
         index = {c: i for i, c in enumerate(categories)}
