@@ -6,6 +6,7 @@ annotator never races with themself) and takes a task slot with SELECT ... FOR U
 `required_annotations` slot rows, and the database refuses more annotations than that.
 """
 
+import logging
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from annotation.models import (
+    Adjudication,
     Annotation,
     AnnotatorProfile,
     Assignment,
@@ -32,6 +34,8 @@ from annotation.scales import MAX_TIME_ON_TASK_MS, Choice, SafetyLabel, Strength
 from annotation.validation import MAX_MESSAGE_CHARS, MAX_NOTE_CHARS, check_text, check_time_on_task_ms
 
 from .errors import BatchClosed, Conflict, InvalidInput, LeaseExpired, NotFound
+
+logger = logging.getLogger(__name__)
 
 # Module-level so tests can seed it; decides when a gold task is mixed in.
 gold_rng = random.Random()
@@ -393,3 +397,52 @@ def assignment_give_back(*, user, task_id: int, skip: bool, now: datetime | None
         state=SlotState.FREE, assignment=None, lease_expires_at=None
     )
     return assignment
+
+
+@dataclass(frozen=True)
+class UndoResult:
+    task_id: int
+    batch_name: str
+    choice: str
+    strength: str
+
+
+@transaction.atomic
+def annotation_undo_last(*, user, annotation_id: int) -> UndoResult:
+    """Withdraw the annotator's most recent answer while its task is still open: the annotation and its
+    assignment are deleted, the slot is freed and the task's count goes back down, in one transaction (the
+    task can be served again, to them or to someone else). Refused, with the reason, for any other annotation,
+    a closed batch, a complete or adjudicated task, or an answer whose next message opened a comparison.
+
+    Lock order as in a submit: the assignment, then the slot, then the task (after the annotator's profile row,
+    which serialises this annotator's own claims and undos). Each undo is logged (who, which task, what answer).
+    """
+    _domains_for_update(user)
+    latest = Annotation.objects.filter(annotator=user).order_by("-created_at", "-id").values_list("id", flat=True).first()
+    if latest is None or latest != annotation_id:
+        if not Annotation.objects.filter(pk=annotation_id, annotator=user).exists():
+            raise NotFound(f"annotation {annotation_id} is not one of yours")
+        raise Conflict("only your most recent answer can be undone")
+    annotation = Annotation.objects.select_related("task__batch").get(pk=annotation_id)
+    task = annotation.task
+    assignment = Assignment.objects.select_for_update().get(pk=annotation.assignment_id)
+    slot = TaskSlot.objects.select_for_update().filter(assignment=assignment).first()
+    task = ComparisonTask.objects.select_for_update(no_key=connection.vendor == "postgresql").get(pk=task.pk)
+    batch = Batch.objects.get(pk=task.batch_id)
+    if batch.status != BatchStatus.OPEN:
+        raise BatchClosed(f"batch {batch.name!r} is closed; its answers are final and cannot be undone")
+    if task.status != TaskStatus.OPEN:
+        raise Conflict(f"task {task.pk} is {task.get_status_display().lower()}; its answers can no longer be undone")
+    if Adjudication.objects.filter(task_id=task.pk).exists():
+        raise Conflict(f"task {task.pk} has been adjudicated; its answers can no longer be undone")
+    if opened := ComparisonTask.objects.filter(opened_by=annotation).values_list("pk", flat=True).first():
+        raise Conflict(f"your next message on this answer opened comparison {opened}; it can no longer be undone")
+    result = UndoResult(task_id=task.pk, batch_name=batch.name, choice=annotation.choice, strength=annotation.strength)
+    annotation.delete()
+    if slot is not None:
+        TaskSlot.objects.filter(pk=slot.pk).update(state=SlotState.FREE, assignment=None, lease_expires_at=None)
+    assignment.delete()
+    ComparisonTask.objects.filter(pk=task.pk).update(annotation_count=F("annotation_count") - 1)
+    logger.info("user %s undid annotation %s on task %s (%s %s, made %s)", user.pk, annotation_id, task.pk,
+                result.choice, result.strength, annotation.created_at.isoformat())  # fmt: skip
+    return result

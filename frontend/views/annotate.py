@@ -7,16 +7,30 @@ API's rules; the combined submit-and-next call is what lets the next comparison 
 from datetime import datetime, time
 from types import SimpleNamespace
 
-from django.db.models import Count, Q
+from django.contrib import messages
+from django.db.models import Count, Exists, OuterRef, Q
 from django.http import JsonResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from annotation.models import Annotation, Assignment, ComparisonTask, TaskStatus
+from annotation.models import (
+    Annotation,
+    AnnotatorProfile,
+    Assignment,
+    AssignmentStatus,
+    BatchStatus,
+    ComparisonTask,
+    TaskStatus,
+)
 from annotation.scales import SafetyLabel, Strength
 from annotation.selectors import task_context
-from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
+from annotation.services.assignment import (
+    annotation_submit,
+    annotation_undo_last,
+    assignment_claim_next,
+    assignment_give_back,
+)
 from annotation.services.errors import AnnotationError, InvalidInput
 from annotation.throttling import ExactScopedRateThrottle
 from annotation.validation import (
@@ -45,25 +59,35 @@ SAFETY_KEYS = [
 ]
 
 
+def _midnight():
+    return timezone.make_aware(datetime.combine(timezone.localdate(), time.min))
+
+
 def progress_for(user, batch_id: int | None, *, with_remaining: bool) -> dict:
     """The annotator's own counts: today, and in the batch of the task at hand (never anyone else's labels).
 
     `batch_remaining` scans the batch's open tasks (about 100 ms at 20,000), so it is computed when the page
     loads, not on the submit path; the page counts it down itself.
     """
-    midnight = timezone.make_aware(datetime.combine(timezone.localdate(), time.min))
+    midnight = _midnight()
     counts = Annotation.objects.filter(annotator=user).aggregate(
         today=Count("id", filter=Q(created_at__gte=midnight)),
         in_batch=Count("id", filter=Q(task__batch_id=batch_id or 0)),
     )
     remaining = None
     if batch_id and with_remaining:
-        # Open comparisons of this batch this annotator has not been served yet (an upper bound on their work).
-        # Gold tasks count too: were they left out, the count would stay put when the task served is gold and
-        # drop by one otherwise, telling the annotator which tasks are gold.
+        # Open comparisons of this batch this annotator could still be served (an upper bound on their work):
+        # in the domains they are trained on (the claim serves no others), not yet answered or skipped by them;
+        # the one on screen counts, it is still to do. Gold tasks count too: were they left out, the count
+        # would stay put when the task served is gold and drop by one otherwise, telling which tasks are gold.
+        profile = AnnotatorProfile.objects.filter(user=user).first()
+        domains = profile.domains if profile else AnnotatorProfile().domains
+        served = Assignment.objects.filter(task_id=OuterRef("pk"), annotator=user).exclude(
+            status=AssignmentStatus.LEASED
+        )
         remaining = (
-            ComparisonTask.objects.filter(batch_id=batch_id, status=TaskStatus.OPEN)
-            .exclude(assignments__annotator=user)
+            ComparisonTask.objects.filter(batch_id=batch_id, status=TaskStatus.OPEN, domain__in=domains)
+            .exclude(Exists(served))
             .count()
         )
     return {"today": counts["today"], "in_batch": counts["in_batch"], "batch_remaining": remaining}
@@ -200,3 +224,44 @@ def annotate_skip(request, task_id: int):
         return error_response(error)
     payload["skipped"] = task_id
     return JsonResponse(payload)
+
+
+@role_required()
+def annotate_history(request):
+    """The annotator's own answers of today, newest first; the newest can be undone while its task is open."""
+    today = list(
+        Annotation.objects.filter(annotator=request.user, created_at__gte=_midnight())
+        .select_related("task__batch")
+        .order_by("-created_at", "-id")
+    )
+    latest = Annotation.objects.filter(annotator=request.user).order_by("-created_at", "-id").first()
+    undo = None
+    if latest is not None and today and latest.pk == today[0].pk:
+        if latest.task.batch.status != BatchStatus.OPEN:
+            undo = {"annotation": latest, "refused": "its batch is closed"}
+        elif latest.task.status != TaskStatus.OPEN:
+            undo = {"annotation": latest, "refused": "its comparison is complete"}
+        else:
+            undo = {"annotation": latest, "refused": ""}
+    return render(
+        request,
+        "frontend/annotate_history.html",
+        {"annotations": today, "undo": undo, "nav": "annotate"},
+    )
+
+
+@require_POST
+@role_required()
+def annotate_undo(request, annotation_id: int):
+    """Undo the annotator's most recent answer (see annotation_undo_last); refusals are shown on the page."""
+    try:
+        result = annotation_undo_last(user=request.user, annotation_id=annotation_id)
+    except AnnotationError as error:
+        messages.error(request, f"Not undone: {error.message}.")
+    else:
+        messages.success(
+            request,
+            f"Your answer on comparison {result.task_id} ({result.batch_name}) was withdrawn; "
+            "the comparison goes back to the pool and may be served to you again.",
+        )
+    return redirect("frontend:annotate-history")

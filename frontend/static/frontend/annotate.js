@@ -22,6 +22,14 @@
 
   function showError(message) { var e = $("error"); e.textContent = message; e.hidden = !message; }
 
+  // While a request is in flight the form is locked: its controls are disabled (keys and clicks cannot change
+  // the answer already sent) and the page says so.
+  function lock(on) {
+    busy = on;
+    form.setAttribute("aria-busy", on ? "true" : "false");
+    form.querySelectorAll("input, textarea, button").forEach(function (el) { el.disabled = on; });
+  }
+
   function renderProgress(p) {
     if (p.batch_remaining !== null) { remaining = p.batch_remaining; remainingBatch = task ? task.batch_id : null; }
     else if (remaining !== null && (!task || task.batch_id !== remainingBatch)) remaining = null;
@@ -84,12 +92,12 @@
   }
 
   function load() {
-    busy = true;
+    lock(true);
     return post(root.dataset.nextUrl).then(function (data) {
-      busy = false;
+      lock(false);
       if (data.error) { showError(data.error.message); return; }
       render(data);
-    }, function () { busy = false; showError("Could not reach the server; check your connection and press Enter."); });
+    }, function () { lock(false); showError("Could not reach the server; check your connection and press Enter."); });
   }
 
   function value(name) { var el = form.querySelector("input[name=" + name + "]:checked"); return el ? el.value : ""; }
@@ -106,16 +114,18 @@
     if (!body.choice) { showError("Choose A or B first (keys 1 / 2)."); return; }
     if (!body.strength) { showError("Say by how much (keys a / s / d / f)."); return; }
     if (task.domain === "safety" && !body.safety_label) { showError("Safety prompts need a safety label (keys j / k / l)."); return; }
-    busy = true;
+    lock(true);
     root.dataset.state = "submitting";
+    $("status").textContent = "Sending your answer… the form is locked until it is saved.";
     post("/annotate/" + task.task_id + "/submit/", body).then(function (data) {
-      busy = false;
+      lock(false);
       if (data.error) {
         root.dataset.state = "ready";
         if (data.error.code === "lease_expired" || data.error.code === "not_found" || data.error.code === "conflict") {
           $("status").textContent = data.error.message + " Loading the next comparison.";
           return load();
         }
+        $("status").textContent = "";
         showError(data.error.message);
         return;
       }
@@ -124,19 +134,21 @@
       $("status").textContent = "Saved comparison " + s.task_id + "." + (s.continuation_task_id ? " Your next message opens a new comparison when the model replies." : "");
       render(data);
       if (data.next_withheld) showError(data.next_withheld);
-    }, function () { busy = false; root.dataset.state = "ready"; showError("Could not reach the server; your answer was not saved. Press Enter to retry."); });
+    }, function () { lock(false); root.dataset.state = "ready"; $("status").textContent = ""; showError("Could not reach the server; your answer was not saved. Press Enter to retry."); });
   }
 
   function skip() {
     if (busy || !task) return;
-    busy = true;
+    lock(true);
+    root.dataset.state = "submitting";
     post("/annotate/" + task.task_id + "/skip/").then(function (data) {
-      busy = false;
+      lock(false);
+      root.dataset.state = "ready";
       if (data.error) { showError(data.error.message); return load(); }
       $("status").textContent = "Skipped comparison " + data.skipped + ".";
       if (remaining !== null && remaining > 0) remaining -= 1;
       render(data);
-    }, function () { busy = false; showError("Could not reach the server."); });
+    }, function () { lock(false); root.dataset.state = "ready"; showError("Could not reach the server."); });
   }
 
   function pick(name, val) {
@@ -147,17 +159,30 @@
   var keys = {};
   form.querySelectorAll("input[data-key]").forEach(function (el) { keys[el.dataset.key] = el; });
 
+  // Elements whose own Enter does something (follow, press, open): Enter there is theirs, not a submit.
+  var OWN_ENTER = { A: 1, BUTTON: 1, SUMMARY: 1, SELECT: 1 };
+
   document.addEventListener("keydown", function (e) {
-    if (e.ctrlKey || e.altKey || e.metaKey) return;
     var t = e.target, typing = t.tagName === "TEXTAREA" || (t.tagName === "INPUT" && t.type !== "radio");
+    // Ctrl+Enter (Cmd+Enter on a Mac) submits from anywhere on the form, text boxes included.
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !e.altKey && task && (form.contains(t) || !typing)) {
+      e.preventDefault(); submit(); return;
+    }
+    if (e.ctrlKey || e.altKey || e.metaKey) return;
     if (typing) {
+      // In the note and continue boxes Enter is a new line (the browser's own); Esc leaves the box.
       if (e.key === "Escape") { t.blur(); e.preventDefault(); }
-      else if (e.key === "Enter" && !e.shiftKey && t.tagName === "TEXTAREA" && form.contains(t)) { e.preventDefault(); submit(); }
       return;
     }
+    if (busy) {
+      // The answer is on its way: keys must not change the form of the task already sent.
+      if (e.key.length === 1 || e.key === "Enter") { e.preventDefault(); $("status").textContent = "Sending your answer… the form is locked until it is saved."; }
+      return;
+    }
+    if (OWN_ENTER[t.tagName] && e.key === "Enter") return;
     if (root.dataset.state === "empty" && e.key === "Enter") { e.preventDefault(); load(); return; }
     if (!task) return;
-    if (e.key === "Enter") { if (t.tagName !== "BUTTON" && t.tagName !== "A") { e.preventDefault(); submit(); } return; }
+    if (e.key === "Enter") { e.preventDefault(); submit(); return; }
     if (e.key === "1") pick("choice", "a");
     else if (e.key === "2") pick("choice", "b");
     else if (keys[e.key]) { keys[e.key].checked = true; showError(""); }

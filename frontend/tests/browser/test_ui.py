@@ -72,14 +72,14 @@ def test_annotator_writes_a_prompt_and_compares_with_the_keyboard_alone(page):
     assert annotation.time_on_task_ms > 0
     progress = page.locator("#progress").inner_text()
     assert "1 today" in progress
-    assert "about 1 left" in progress
+    assert "about 2 left" in progress  # 3 on load, the one on screen included; one done
 
-    # Continue the dialogue with the chosen reply: the next message is typed after `m`, Enter submits.
+    # Continue the dialogue with the chosen reply: the next message is typed after `m`, Ctrl+Enter submits.
     second = int(bench.get_attribute("data-task-id"))
     for key in ("1", "a", "k", "m"):
         page.keyboard.press(key)
     page.keyboard.type("Thanks. What about paracetamol?")
-    page.keyboard.press("Enter")
+    page.keyboard.press("Control+Enter")
     page.wait_for_function(f"document.getElementById('workbench').dataset.taskId !== '{second}'")
     annotation = Annotation.objects.get(task_id=second, annotator=user)
     assert (annotation.choice, annotation.strength, annotation.safety_label) == ("a", "significantly_better", "both_safe")
