@@ -1,9 +1,53 @@
 from django.contrib import admin, messages
+from django.utils.html import format_html, format_html_join
 
 from annotation import models as m
+from annotation.scales import SafetyLabel, Strength
 from annotation.services.batches import batch_close
 from annotation.services.errors import AnnotationError
 from annotation.tasks import export_batch
+
+# The labels annotators see (the models' choices carry the enum names: changing them would need a migration).
+CHOICE_LABELS = [("a", "A is better"), ("b", "B is better")]
+STRENGTH_LABELS = [
+    (Strength.SIGNIFICANTLY_BETTER.value, "Significantly better"),
+    (Strength.BETTER.value, "Better"),
+    (Strength.SLIGHTLY_BETTER.value, "Slightly better"),
+    (Strength.NEGLIGIBLY_BETTER.value, "Negligibly better / unsure"),
+]
+SAFETY_LABELS = [
+    (SafetyLabel.CHOSEN_SAFE_OTHER_UNSAFE.value, "Chosen is safe, the other is not"),
+    (SafetyLabel.BOTH_SAFE.value, "Both safe"),
+    (SafetyLabel.BOTH_UNSAFE.value, "Both unsafe"),
+    ("", "None (helpfulness)"),
+]
+
+
+def labelled_filter(field: str, title: str, choices: list[tuple[str, str]]) -> type[admin.SimpleListFilter]:
+    """A list filter on `field` showing `choices`' labels instead of the stored codes."""
+
+    class Filter(admin.SimpleListFilter):
+        parameter_name = field
+
+        def lookups(self, request, model_admin):
+            return [(value or "none", label) for value, label in choices]
+
+        def queryset(self, request, queryset):
+            value = self.value()
+            if value is None:
+                return queryset
+            return queryset.filter(**{field: "" if value == "none" else value})
+
+    Filter.title = title
+    Filter.__name__ = f"{field.title().replace('_', '')}Filter"
+    return Filter
+
+
+LABELLED_FILTERS = [
+    labelled_filter("choice", "choice", CHOICE_LABELS),
+    labelled_filter("strength", "strength", STRENGTH_LABELS),
+    labelled_filter("safety_label", "safety label", SAFETY_LABELS),
+]
 
 
 @admin.register(m.AnnotatorProfile)
@@ -78,12 +122,76 @@ class BatchAdmin(admin.ModelAdmin):
     readonly_fields = ["status", "closed_at"]
 
 
+class LabelColumns:
+    """Choice, strength and safety columns in the words annotators see."""
+
+    @admin.display(description="choice", ordering="choice")
+    def choice_label(self, obj):
+        return dict(CHOICE_LABELS).get(obj.choice, obj.choice)
+
+    @admin.display(description="strength", ordering="strength")
+    def strength_label(self, obj):
+        return dict(STRENGTH_LABELS).get(obj.strength, obj.strength or "–")
+
+    @admin.display(description="safety", ordering="safety_label")
+    def safety_text(self, obj):
+        return dict(SAFETY_LABELS).get(obj.safety_label, obj.safety_label) if obj.safety_label else "–"
+
+
+class AnnotationInline(LabelColumns, admin.TabularInline):
+    """A task's annotations, read-only: they are changed through the annotation workflow, never here."""
+
+    model = m.Annotation
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    fields = ["annotator", "choice_label", "strength_label", "safety_text", "note", "time_on_task_ms", "too_fast",
+              "created_at"]  # fmt: skip
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+
+def _text_block(text: str | None):
+    if text is None:
+        return "–"
+    return format_html('<div style="white-space: pre-wrap; max-width: 60em">{}</div>', text or "(empty response)")
+
+
 @admin.register(m.ComparisonTask)
 class ComparisonTaskAdmin(admin.ModelAdmin):
     list_display = ["id", "batch", "domain", "status", "annotation_count", "required_annotations", "is_gold", "split"]
     list_filter = ["status", "domain", "is_gold", "split", "batch"]
     search_fields = ["dialogue__prompt__text"]
     raw_id_fields = ["dialogue", "response_a", "response_b", "opened_by"]
+    # Status and counts follow the annotation workflow (slots, overlap): shown, not edited.
+    readonly_fields = ["status", "annotation_count", "required_annotations", "context", "response_a_text",
+                       "response_b_text"]  # fmt: skip
+    inlines = [AnnotationInline]
+
+    @admin.display(description="dialogue so far")
+    def context(self, obj):
+        from annotation.selectors import task_context
+
+        if obj.pk is None:
+            return "–"
+        return format_html_join(
+            "", '<p><strong>{}:</strong> <span style="white-space: pre-wrap">{}</span></p>',
+            ((turn["role"].capitalize(), turn["content"]) for turn in task_context(obj)),
+        )  # fmt: skip
+
+    @admin.display(description="response A")
+    def response_a_text(self, obj):
+        return _text_block(obj.response_a.text if obj.response_a_id else None)
+
+    @admin.display(description="response B")
+    def response_b_text(self, obj):
+        return _text_block(obj.response_b.text if obj.response_b_id else None)
 
 
 @admin.register(m.TaskSlot)
@@ -102,9 +210,9 @@ class AssignmentAdmin(admin.ModelAdmin):
 
 
 @admin.register(m.Annotation)
-class AnnotationAdmin(admin.ModelAdmin):
-    list_display = ["id", "task", "annotator", "choice", "strength", "safety_label", "too_fast", "created_at"]
-    list_filter = ["choice", "strength", "safety_label", "too_fast", "task__domain", "task__batch"]
+class AnnotationAdmin(LabelColumns, admin.ModelAdmin):
+    list_display = ["id", "task", "annotator", "choice_label", "strength_label", "safety_text", "too_fast", "created_at"]
+    list_filter = [*LABELLED_FILTERS, "too_fast", "task__domain", "task__batch"]
     search_fields = ["annotator__username", "note"]
     raw_id_fields = ["task", "annotator", "assignment"]
 

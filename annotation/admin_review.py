@@ -2,6 +2,7 @@
 
 from django.contrib import admin
 
+from annotation.admin import LABELLED_FILTERS, LabelColumns
 from annotation.models import Adjudication, Guideline
 
 
@@ -16,8 +17,8 @@ class GuidelineAdmin(admin.ModelAdmin):
 
 
 @admin.register(Adjudication)
-class AdjudicationAdmin(admin.ModelAdmin):
-    list_display = ["task", "reviewer", "choice", "strength", "safety_label", "created_at"]
-    list_filter = ["choice", "strength", "safety_label"]
+class AdjudicationAdmin(LabelColumns, admin.ModelAdmin):
+    list_display = ["task", "reviewer", "choice_label", "strength_label", "safety_text", "created_at"]
+    list_filter = LABELLED_FILTERS
     search_fields = ["reason"]
     raw_id_fields = ["task", "reviewer"]
