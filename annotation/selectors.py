@@ -13,7 +13,7 @@ from annotation.models import Annotation, Batch, BatchStatus, ComparisonTask, Ta
 from annotation.scales import Choice, Strength, signed_preference
 
 
-def batch_agreement(batch: Batch) -> dict:
+def batch_agreement(batch: Batch, *, domain: str | None = None) -> dict:
     """Agreement on non-gold tasks with two or more annotations: choice (nominal), signed strength (ordinal).
 
     The database counts the tasks by their make-up, how many annotations of each (choice, strength) they hold
@@ -27,10 +27,12 @@ def batch_agreement(batch: Batch) -> dict:
     sql = (
         f"SELECT {names}, COUNT(*) FROM (SELECT {columns}"
         f" FROM {Annotation._meta.db_table} a JOIN {ComparisonTask._meta.db_table} t ON t.id = a.task_id"
-        " WHERE t.batch_id = %s AND t.is_gold = %s AND t.annotation_count >= 2 GROUP BY a.task_id) units"
+        " WHERE t.batch_id = %s AND t.is_gold = %s AND t.annotation_count >= 2"
+        + (" AND t.domain = %s" if domain else "")
+        + " GROUP BY a.task_id) units"
         f" GROUP BY {names}"
     )
-    params = [value for kind in kinds for value in kind] + [batch.pk, False]
+    params = [value for kind in kinds for value in kind] + [batch.pk, False] + ([domain] if domain else [])
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         made_up = cursor.fetchall()
@@ -91,6 +93,11 @@ def batch_stats(batch: Batch) -> dict:
         "too_fast_rate": agg["too_fast"] / agg["n"] if agg["n"] else None,
         "gold_accuracy": gold_accuracy(annotations),
         "agreement": batch_agreement(batch),
+        # The same per domain (helpfulness and safety labels follow different guidelines), for domains present.
+        "agreement_by_domain": {
+            domain: batch_agreement(batch, domain=domain)
+            for domain in sorted(set(tasks.values_list("domain", flat=True).distinct()))
+        },
         "splits": dict(tasks.exclude(split="").values_list("split").annotate(n=Count("id")).values_list("split", "n")),
     }
 
@@ -105,7 +112,7 @@ def batch_stats_cached(batch: Batch) -> dict:
     annotations = Annotation.objects.filter(task__batch=batch).aggregate(n=Count("id"), last=Max("id"))
     tasks = ComparisonTask.objects.filter(batch=batch).aggregate(n=Count("id"), last=Max("id"))
     fingerprint = f"{annotations['n']}-{annotations['last']}-{tasks['n']}-{tasks['last']}"
-    key = f"batch-stats:v2:{batch.pk}:{batch.closed_at.isoformat()}:{fingerprint}"
+    key = f"batch-stats:v3:{batch.pk}:{batch.closed_at.isoformat()}:{fingerprint}"
     return cache.get_or_set(key, lambda: batch_stats(batch), timeout=300)
 
 

@@ -29,14 +29,14 @@ def _fmt(value: float) -> str:
 
 
 def _svg(title: str, body: list[str], *, legend: Sequence[str] = (), kind: str, x_label: str = "",
-         y_label: str = "") -> SafeString:
+         y_label: str = "", height: int = H) -> SafeString:
     if x_label:
         body.append(f'<text class="axis" x="{W - PAD_R}" y="{H - PAD_B + 26}" text-anchor="end">{escape(x_label)} →</text>')
     if y_label:
         body.append(f'<text class="axis" x="{PAD_L + 4}" y="{PAD_T + 10}">↑ {escape(y_label)}</text>')
     parts = [
         f'<figure class="chart-box"><figcaption>{escape(title)}</figcaption>',
-        f'<svg class="chart chart-{kind}" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}"'
+        f'<svg class="chart chart-{kind}" viewBox="0 0 {W} {height}" role="img" aria-label="{escape(title)}"'
         ' preserveAspectRatio="xMinYMin meet">',
         f"<title>{escape(title)}</title>",
         *body,
@@ -44,8 +44,8 @@ def _svg(title: str, body: list[str], *, legend: Sequence[str] = (), kind: str, 
     for i, name in enumerate(legend):
         x = PAD_L + i * 130
         parts.append(
-            f'<rect class="s{i % 6}" x="{x}" y="{H - 12}" width="10" height="10"/>'
-            f'<text class="legend" x="{x + 14}" y="{H - 3}">{escape(name)}</text>'
+            f'<rect class="s{i % 6}" x="{x}" y="{height - 12}" width="10" height="10"/>'
+            f'<text class="legend" x="{x + 14}" y="{height - 3}">{escape(name)}</text>'
         )
     parts.append("</svg></figure>")
     return mark_safe("".join(parts))  # noqa: S308 - every interpolated label is escaped above
@@ -81,10 +81,12 @@ def empty(title: str, message: str) -> SafeString:
     return mark_safe(f'<p class="empty" role="note"><strong>{escape(title)}</strong>: {escape(message)}</p>')
 
 
-def bar_chart(items: Sequence[tuple[str, float]], *, title: str, max_value: float | None = None) -> SafeString:
-    """One bar per (label, value)."""
+def bar_chart(items: Sequence[tuple[str, float]], *, title: str, max_value: float | None = None,
+              counts: Sequence[int | None] | None = None, y_label: str = "") -> SafeString:
+    """One bar per (label, value); `counts`, the n behind each bar, is written on it."""
     return grouped_bar_chart([label for label, _ in items], [("", [v for _, v in items])], title=title,
-                             max_value=max_value)  # fmt: skip
+                             max_value=max_value, counts=[counts] if counts is not None else None,
+                             y_label=y_label)  # fmt: skip
 
 
 def grouped_bar_chart(
@@ -93,8 +95,12 @@ def grouped_bar_chart(
     *,
     title: str,
     max_value: float | None = None,
+    counts: Sequence[Sequence[int | None]] | None = None,
+    y_label: str = "",
 ) -> SafeString:
-    """Bars grouped by category, one colour per series (None draws nothing)."""
+    """Bars grouped by category, one colour per series (None draws nothing). With `counts` (per series, per
+    category) each bar carries its n above it ("n=?" where it is unknown). Category labels are written in
+    full: turned when they would not fit under their group, the chart growing to hold them."""
     values = [v for _, vs in series for v in vs if v is not None]
     if not categories or not values:
         return empty(title, "no data yet")
@@ -103,6 +109,9 @@ def grouped_bar_chart(
     plot_w = W - PAD_L - PAD_R
     group_w = plot_w / len(categories)
     bar_w = max(2.0, group_w * 0.8 / len(series))
+    longest = max(len(c) for c in categories)
+    turned = longest * 6 > group_w
+    extra = min(160, int(longest * 5.5 * 0.6)) if turned else 0
     for c, category in enumerate(categories):
         x0 = PAD_L + c * group_w + group_w * 0.1
         for s, (name, vs) in enumerate(series):
@@ -110,18 +119,26 @@ def grouped_bar_chart(
             if v is None:
                 continue
             top = y(min(v, hi))
-            label = f"{name + ' · ' if name else ''}{category}: {_fmt(v)}"
+            n = counts[s][c] if counts is not None else None
+            label = f"{name + ' · ' if name else ''}{category}: {_fmt(v)}" + (
+                f" (n = {n if n is not None else '?'})" if counts is not None else "")  # fmt: skip
             body.append(
                 f'<rect class="bar s{s % 6}" x="{_num(x0 + s * bar_w)}" y="{_num(top)}" width="{_num(bar_w - 1)}"'
                 f' height="{_num(y(0) - top)}" data-value="{v}"><title>{escape(label)}</title></rect>'
             )
-        short = category if len(category) <= 14 else category[:13] + "…"
+            if counts is not None:
+                body.append(
+                    f'<text class="n" x="{_num(x0 + s * bar_w + (bar_w - 1) / 2)}" y="{_num(top - 3)}"'
+                    f' text-anchor="middle" data-n="{n if n is not None else ""}">n={n if n is not None else "?"}</text>'
+                )
+        tx, ty = x0 + group_w * 0.4, H - PAD_B + 14
+        turn = f' transform="rotate(-35 {_num(tx)} {ty})"' if turned else ""
         body.append(
-            f'<text class="tick" x="{_num(x0 + group_w * 0.4)}" y="{H - PAD_B + 14}" text-anchor="middle">'
-            f"{escape(short)}</text>"
+            f'<text class="tick" x="{_num(tx)}" y="{ty}" text-anchor="{"end" if turned else "middle"}"{turn}>'
+            f"{escape(category)}</text>"
         )
     legend = [name for name, _ in series] if len(series) > 1 else []
-    return _svg(title, body, legend=legend, kind="bar")
+    return _svg(title, body, legend=legend, kind="bar", y_label=y_label, height=H + extra)
 
 
 def line_chart(
@@ -131,8 +148,10 @@ def line_chart(
     log_x: bool = False,
     x_label: str = "",
     y_label: str = "",
+    smooth: bool = False,
 ) -> SafeString:
-    """Lines of (x, y) points, one colour per series."""
+    """Lines of (x, y) points, one colour per series. With `smooth`, each series is drawn as its exponential
+    moving average over the raw points, which stay faint underneath."""
     points = [p for _, ps in series for p in ps]
     if not points:
         return empty(title, "no data yet")
@@ -156,15 +175,32 @@ def line_chart(
         if not ps:
             continue
         path = " ".join(f"{_num(x(px))},{_num(y(py))}" for px, py in ps)
-        body.append(f'<polyline class="line s{s % 6}" points="{path}" data-points="{len(ps)}"/>')
-        if len(ps) <= 40:
+        raw = " raw" if smooth else ""
+        body.append(f'<polyline class="line{raw} s{s % 6}" points="{path}" data-points="{len(ps)}"/>')
+        if smooth:
+            smoothed = " ".join(f"{_num(x(px))},{_num(y(py))}" for px, py in ema(ps))
+            body.append(f'<polyline class="line smooth s{s % 6}" points="{smoothed}" data-points="{len(ps)}"/>')
+        if len(ps) <= 40 or smooth:
             for px, py in ps:
                 body.append(
-                    f'<circle class="dot s{s % 6}" cx="{_num(x(px))}" cy="{_num(y(py))}" r="3" data-value="{py}">'
+                    f'<circle class="dot{raw} s{s % 6}" cx="{_num(x(px))}" cy="{_num(y(py))}" r="{2 if smooth else 3}" data-value="{py}">'
                     f"<title>{escape(name)} @ {_fmt(px)}: {_fmt(py)}</title></circle>"
                 )
     legend = [n for n, _ in series] if len(series) > 1 or series[0][0] else []
     return _svg(title, body, legend=legend, kind="line", x_label=x_label, y_label=y_label)
+
+
+def ema(points: Sequence[tuple[float, float]], span: int | None = None) -> list[tuple[float, float]]:
+    """Exponential moving average of the y values (span about a tenth of the points, at least 2), bias-corrected
+    at the start as TensorBoard's smoothing is, so the curve starts at the first point rather than at zero."""
+    span = span or max(2, len(points) // 10)
+    alpha = 2 / (span + 1)
+    out, avg, weight = [], 0.0, 0.0
+    for px, py in points:
+        avg = (1 - alpha) * avg + alpha * py
+        weight = (1 - alpha) * weight + alpha
+        out.append((px, avg / weight))
+    return out
 
 
 def scatter_chart(

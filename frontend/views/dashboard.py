@@ -41,43 +41,78 @@ def batch_panels(limit: int = 8) -> list[dict]:
                 "batch": batch,
                 "stats": stats,
                 "progress_pct": round(100 * stats["progress"]),
-                "throughput_chart": charts.bar_chart(days, title=f"{batch.name}: annotations per day"),
+                "domain_agreement": [
+                    {"domain": domain, **agreement}
+                    for domain, agreement in (stats.get("agreement_by_domain") or {}).items()
+                ],
+                "throughput_chart": charts.bar_chart(days, title=f"{batch.name}: annotations per day",
+                                                     counts=[n for _, n in days], y_label="annotations"),  # fmt: skip
             }
         )
     return panels
 
 
+def is_imported(username: str) -> bool:
+    """An account standing for an imported data set's annotators (annotation.services.imports creates them as
+    `source:name`, e.g. `hh-rlhf:crowdworker`); a person's user name cannot hold a colon."""
+    return ":" in username
+
+
 def annotator_panel() -> dict:
-    rows = annotator_quality()
+    every = annotator_quality()
+    rows = [r for r in every if not is_imported(r["username"])]
+    imported = [r for r in every if is_imported(r["username"])]
     names = [r["username"] for r in rows]
+    n_annotations = [r["annotations"] for r in rows]
     return {
         "rows": rows,
-        "throughput_chart": charts.bar_chart(list(zip(names, [r["annotations"] for r in rows], strict=True)),
-                                             title="Annotations per annotator"),  # fmt: skip
+        "imported": imported,
+        "throughput_chart": charts.bar_chart(list(zip(names, n_annotations, strict=True)),
+                                             title="Annotations per annotator", counts=n_annotations,
+                                             y_label="annotations"),  # fmt: skip
         "time_chart": charts.bar_chart(
             [(n, (r["mean_time_on_task_ms"] or 0) / 1000) for n, r in zip(names, rows, strict=True)],
-            title="Mean time on task per annotator (seconds)",
-        ),
+            title="Mean time on task per annotator (seconds)", counts=n_annotations, y_label="seconds",
+        ),  # fmt: skip
         "gold_chart": charts.grouped_bar_chart(
             names,
             [("gold accuracy", [r["gold_accuracy"] for r in rows]), ("too-fast rate", [r["too_fast_rate"] for r in rows])],
             title="Gold accuracy and too-fast rate per annotator",
             max_value=1.0,
+            counts=[[r["gold_answered"] for r in rows], n_annotations],
+            y_label="share",
         ),
+        "imported_chart": charts.bar_chart(
+            [(r["username"], r["annotations"]) for r in imported],
+            title="Imported labels per source (not annotators of this platform)",
+            counts=[r["annotations"] for r in imported], y_label="labels",
+        ) if imported else "",  # fmt: skip
     }
+
+
+def _count(value) -> int | None:
+    """The n of a bucket written as {"accuracy": x, "n": k}; None when the metric gives none."""
+    n = value.get("n") if isinstance(value, dict) else None
+    return int(n) if isinstance(n, int | float) and not isinstance(n, bool) else None
 
 
 def reward_model_panel() -> dict:
     versions = list(RewardModelVersion.objects.order_by("created_at", "id"))
     buckets = [*STRENGTH_LABELS, "overall"]
-    series, domains = [], []
+    series, domains, counts = [], [], []
     for v in versions:
         by_strength = v.metrics.get("by_strength") or {}
         series.append(
             (v.name, [_accuracy(by_strength.get(s)) for s in STRENGTH_LABELS] + [_accuracy(v.metrics.get("accuracy"))])
         )
+        overall_n = v.metrics.get("n") if isinstance(v.metrics.get("n"), int) else None
+        known = [_count(by_strength.get(s)) for s in STRENGTH_LABELS]
+        if overall_n is None and known and all(k is not None for k in known):
+            overall_n = sum(known)
+        counts.append([*known, overall_n])
         domains += [d for d in (v.metrics.get("by_domain") or {}) if d not in domains]
     domain_series = [(v.name, [_accuracy((v.metrics.get("by_domain") or {}).get(d)) for d in domains]) for v in versions]
+    domain_counts = [[_count((v.metrics.get("by_domain") or {}).get(d)) for d in domains] for v in versions]
     return {
         "versions": versions,
         "table": [
@@ -87,10 +122,12 @@ def reward_model_panel() -> dict:
         "bucket_labels": [STRENGTH_LABELS.get(b, "Overall") for b in buckets],
         "strength_chart": charts.grouped_bar_chart(
             [STRENGTH_LABELS.get(b, "Overall") for b in buckets], series,
-            title="Reward-model accuracy by preference strength (Table 8)", max_value=1.0,
+            title="Reward-model accuracy by preference strength (Table 8)", max_value=1.0, counts=counts,
+            y_label="accuracy",
         ),  # fmt: skip
         "domain_chart": charts.grouped_bar_chart(
-            domains, domain_series, title="Reward-model accuracy by domain", max_value=1.0
+            domains, domain_series, title="Reward-model accuracy by domain", max_value=1.0, counts=domain_counts,
+            y_label="accuracy",
         ),
     }
 
@@ -189,7 +226,9 @@ def run_rows(limit: int = 20) -> list[dict]:
                 "progress_pct": round(100 * run.progress),
                 "live": run.status in LIVE,
                 "stages": _stage_rows(run) if run.kind == "round" else [],
-                "loss_chart": charts.line_chart([("loss", loss)], title=f"Run {run.id}: loss", x_label="step") if loss else "",
+                "loss_chart": charts.line_chart([("loss", loss)], title=f"Run {run.id}: loss", x_label="step",
+                                                y_label="loss (smoothed; raw points faint)",
+                                                smooth=True) if loss else "",  # fmt: skip
                 "reward_chart": charts.line_chart(others, title=f"Run {run.id}: reward and accuracy", x_label="step") if others else "",
             }
         )
