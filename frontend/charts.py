@@ -234,3 +234,36 @@ def scatter_chart(
             f'<text class="point-label" x="{_num(x(px) + 6)}" y="{_num(y(py) - 6)}">{escape(label)}</text>'
         )
     return _svg(title, body, kind="scatter", x_label=x_label, y_label=y_label)
+
+
+def interval_bar_chart(items: Sequence[tuple[str, float | None, float | None, float | None, int]], *, title: str,
+                       max_value: float = 1.0, percent: bool = True) -> SafeString:
+    """One bar per (label, value, low, high, n) with its confidence interval as a whisker and `n` under the label
+    (the report's Figure 12 and 17-18 bars)."""
+    shown = [it for it in items if it[1] is not None]
+    if not shown:
+        return empty(title, "no ratings yet")
+    body, y = _y_axis(0, max_value)
+    plot_w = W - PAD_L - PAD_R
+    slot = plot_w / len(shown)
+    bar_w = min(60.0, slot * 0.6)
+    for i, (label, value, low, high, n) in enumerate(shown):
+        assert value is not None
+        x = PAD_L + i * slot + (slot - bar_w) / 2
+        top = y(min(value, max_value))
+        text = f"{100 * value:.1f}%" if percent else _fmt(value)
+        interval = f" [{100 * low:.1f}, {100 * high:.1f}]" if percent and low is not None and high is not None else (
+            f" [{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else "")  # fmt: skip
+        body.append(f'<rect class="bar s{i % 6}" x="{_num(x)}" y="{_num(top)}" width="{_num(bar_w)}" '
+                    f'height="{_num(y(0) - top)}" data-value="{value}" data-low="{low}" data-high="{high}">'
+                    f"<title>{escape(f'{label}: {text}{interval}, n = {n}')}</title></rect>")  # fmt: skip
+        if low is not None and high is not None:
+            cx = x + bar_w / 2
+            body.append(f'<path class="whisker" d="M{_num(cx)} {_num(y(min(high, max_value)))} V{_num(y(max(low, 0)))} '
+                        f'M{_num(cx - 6)} {_num(y(min(high, max_value)))} H{_num(cx + 6)} M{_num(cx - 6)} {_num(y(max(low, 0)))} '
+                        f'H{_num(cx + 6)}" stroke="currentColor" fill="none"/>')  # fmt: skip
+        body.append(f'<text class="point-label" x="{_num(x + bar_w / 2)}" y="{_num(top - 4)}" text-anchor="middle">'
+                    f"{escape(text)}</text>")  # fmt: skip
+        body.append(f'<text class="tick" x="{_num(x + bar_w / 2)}" y="{H - PAD_B + 14}" text-anchor="middle">'
+                    f"{escape(label)} (n = {n})</text>")  # fmt: skip
+    return _svg(title, body, kind="bar")

@@ -154,3 +154,27 @@ class RoundStartForm(forms.Form):
         if d.get("next_prompts"):
             params["generation"] = {"prompts": d["next_prompts"], "batch": d["next_batch"]}
         return params
+
+
+class CampaignForm(forms.Form):
+    """A human-evaluation campaign: prompts (an uploaded prompts file, or its lines pasted) and one or two versions."""
+
+    name = forms.CharField(max_length=100)
+    kind = forms.ChoiceField(choices=[("pairwise", "Compare two policies (7-point, win / tie / loss)"),
+                                      ("rating", "Rate one policy (helpfulness 1-7, safety 1-5)")])  # fmt: skip
+    policy = forms.ChoiceField(choices=[], help_text="the version under evaluation")
+    baseline = forms.ChoiceField(choices=[], required=False, help_text="pairwise: the version it is compared with")
+    overlap = forms.IntegerField(min_value=1, max_value=20, initial=3, help_text="raters an item (the report used 3)")
+    prompts_file = forms.FileField(required=False)
+    prompts_text = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 4}), max_length=2_000_000)
+
+    def __init__(self, *args, policies: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["policy"].choices = [(p, p) for p in policies]
+        self.fields["baseline"].choices = [("", "—"), *[(p, p) for p in policies]]
+
+    def clean(self):
+        data = super().clean()
+        if not data.get("prompts_file") and not (data.get("prompts_text") or "").strip():
+            raise forms.ValidationError("give the prompts: upload a prompts file or paste its lines")
+        return data

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from .views import annotate, dashboard, login, pages, review
+from .views import annotate, campaigns, dashboard, login, pages, review
 
 app_name = "frontend"
 
@@ -24,4 +24,9 @@ urlpatterns = [
     path("dashboard/runs/", dashboard.runs_fragment, name="dashboard-runs"),
     path("dashboard/runs/<int:run_id>/cancel/", dashboard.run_cancel, name="run-cancel"),
     path("dashboard/runs/start/", dashboard.run_start, name="run-start"),
+    path("rate/", campaigns.rate, name="rate"),
+    path("rate/<int:item_id>/", campaigns.rate_submit, name="rate-submit"),
+    path("dashboard/campaigns/", campaigns.campaigns, name="campaigns"),
+    path("dashboard/campaigns/<int:campaign_id>/", campaigns.campaign, name="campaign"),
+    path("dashboard/campaigns/<int:campaign_id>/close/", campaigns.campaign_close_view, name="campaign-close"),
 ]

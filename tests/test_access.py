@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 
 from annotation.models import Annotation, PolicyVersion, Prompt, Role
 from annotation.services.assignment import annotation_submit, assignment_claim_next
+from annotation.services.campaigns import campaign_create
 from annotation.tests.factories import BatchFactory, annotator, make_tasks
 
 pytestmark = pytest.mark.django_db
@@ -51,6 +52,13 @@ ACCESS = {
     ("GET", "/api/v1/reward-models/"): REVIEWERS,
     ("POST", "/api/v1/reward-models/"): RESEARCHERS,
     ("GET", "/api/v1/reward-models/{id}/"): REVIEWERS,
+    ("GET", "/api/v1/campaigns/"): REVIEWERS,
+    ("POST", "/api/v1/campaigns/"): RESEARCHERS,
+    ("GET", "/api/v1/campaigns/{id}/"): REVIEWERS,
+    ("POST", "/api/v1/campaigns/{id}/close/"): RESEARCHERS,
+    ("GET", "/api/v1/campaigns/{id}/results/"): REVIEWERS,
+    ("POST", "/api/v1/evaluations/next/"): SIGNED_IN,
+    ("POST", "/api/v1/evaluations/{item_id}/submit/"): SIGNED_IN,  # an item they hold
     ("POST", "/api/v1/tasks/next/"): SIGNED_IN,
     ("POST", "/api/v1/tasks/{task_id}/submit/"): SIGNED_IN,  # a task they hold
     ("POST", "/api/v1/tasks/{task_id}/skip/"): SIGNED_IN,
@@ -108,6 +116,9 @@ def path_ids() -> dict[str, int]:
         "reward-models": 1,
         "training-runs": 1,
         "tasks": tasks[1].id,
+        "campaigns": campaign_create(name="access-campaign", kind="rating", policy="SFT", overlap=1, prompts=[
+            {"dialogue": [{"role": "user", "content": "Hi"}], "response": "Hello"}]).id,  # fmt: skip
+        "evaluations": 1,
     }
 
 

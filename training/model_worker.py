@@ -175,3 +175,45 @@ def _offset(progress: Callable[[int, int], None] | None, base: int, total: int) 
     if progress is None:
         return None
     return lambda done, _n: progress(base + done, total)
+
+
+def fill_campaign(name: str, *, settings: ResponderSettings | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Sample the responses of a campaign's items waiting for them: the candidate's, and for a pairwise campaign the
+    baseline's, both at the first temperature (a fair comparison: the same sampling for both versions)."""
+    from django.db import transaction
+
+    from annotation.models import Campaign, ItemStatus
+    from annotation.services.campaigns import item_attach
+
+    settings = settings or ResponderSettings.from_settings()
+    if settings.seed is None:
+        settings = dataclasses.replace(settings, seed=random.randrange(2**31))
+    assert settings.seed is not None
+    campaign = Campaign.objects.select_related("policy", "baseline").get(name=name)
+    items = list(campaign.items.filter(status=ItemStatus.AWAITING_RESPONSES).order_by("id"))
+    if not items:
+        return {"waiting": 0, "filled": 0, "skipped": 0}
+    records = [PromptRecord(tuple(task_context(i)), domain=i.domain, source=f"item {i.pk}") for i in items]
+    temperature = settings.temperatures[0]
+    total = len(records) * (2 if campaign.baseline else 1)
+    texts, sampling = sample_variant(campaign.policy, records, temperature, settings, settings.seed,
+                                     _offset(progress, 0, total))  # fmt: skip
+    base_texts: list[str | None] = [None] * len(items)
+    base_sampling: dict[str, Any] = {}
+    if campaign.baseline is not None:
+        base_texts, base_sampling = sample_variant(campaign.baseline, records, temperature, settings, settings.seed + 1,
+                                                   _offset(progress, len(records), total))  # fmt: skip
+    filled, skipped = 0, []
+    for item, text, base in zip(items, texts, base_texts, strict=True):
+        if not text or (campaign.baseline is not None and (not base or base == text)):
+            skipped.append(item.pk)
+            continue
+        try:
+            with transaction.atomic():
+                item_attach(item=item, response=text, baseline_response=base, sampling=sampling,
+                            baseline_sampling=base_sampling or None)  # fmt: skip
+            filled += 1
+        except AnnotationError:
+            skipped.append(item.pk)
+    return {"waiting": len(items), "filled": filled, "skipped": len(skipped), "skipped_items": skipped[:50]}

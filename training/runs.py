@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # Parameters that name rows or say where data come from; the rest are the stage config's own fields.
 _PLATFORM_KEYS = {"policy", "policy_b", "prompts", "batches", "name", "world_size", "reward_model",
                   "safety_reward_model", "pool", "baseline", "make_current", "pending", "batch", "overlap",
-                  "test_size", "temperatures", "adjusted", "stage"}  # fmt: skip
+                  "test_size", "temperatures", "adjusted", "stage", "campaign"}  # fmt: skip
 POLICY_KINDS = {RunKind.SFT: PolicyKind.SFT, RunKind.REJECTION_SAMPLING: PolicyKind.REJECTION_SAMPLING,
                 RunKind.PPO: PolicyKind.PPO, RunKind.DISTILLATION: PolicyKind.DISTILLATION}  # fmt: skip
 
@@ -261,10 +261,19 @@ def run_evaluation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
 def run_generation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     """The model worker as a run: fill every waiting comparison, or open a batch from a prompts file and fill it."""
     from annotation.services.dialogues import batch_open_with_prompts
-    from training.model_worker import ResponderSettings, fill_awaiting
+    from training.model_worker import ResponderSettings, fill_awaiting, fill_campaign
     from training.prompts import read_prompts
 
     p = run.params
+    settings = ResponderSettings.from_settings(
+        temperatures=p.get("temperatures"), max_new_tokens=p.get("max_new_tokens"), top_p=p.get("top_p"),
+        prompt_format=p.get("prompt_format"), batch_size=p.get("batch_size"), seed=p.get("seed"),
+    )  # fmt: skip
+    report = lambda done, total: control.report(done / max(total, 1))  # noqa: E731
+    if "campaign" in p:
+        summary = fill_campaign(p["campaign"], settings=settings, progress=report)
+        control.report(1.0, {"generation": summary}, force=True)
+        return {}
     task_ids = None
     if "prompts" in p:
         from annotation.models import Batch
@@ -277,12 +286,8 @@ def run_generation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
             batch, _ = batch_open_with_prompts(name=p["batch"], prompts=rows, overlap=p.get("overlap", 1),
                                                test_size=p.get("test_size", 1000))  # fmt: skip
         task_ids = list(batch.tasks.values_list("pk", flat=True))
-    settings = ResponderSettings.from_settings(
-        temperatures=p.get("temperatures"), max_new_tokens=p.get("max_new_tokens"), top_p=p.get("top_p"),
-        prompt_format=p.get("prompt_format"), batch_size=p.get("batch_size"), seed=p.get("seed"),
-    )  # fmt: skip
     summary = fill_awaiting(task_ids=task_ids, policy=p.get("policy"), policy_b=p.get("policy_b"), settings=settings,
-                            limit=100_000, progress=lambda done, total: control.report(done / max(total, 1)))  # fmt: skip
+                            limit=100_000, progress=report)  # fmt: skip
     control.report(1.0, {"generation": summary}, force=True)
     if summary.get("reason"):
         raise ValueError(summary["reason"])

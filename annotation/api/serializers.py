@@ -3,6 +3,7 @@ from rest_framework import serializers
 from annotation.models import (
     Annotation,
     Batch,
+    Campaign,
     Domain,
     PolicyVersion,
     Prompt,
@@ -211,3 +212,49 @@ class AnnotatorQualitySerializer(serializers.Serializer):
     gold_accuracy = serializers.FloatField(allow_null=True)
     too_fast_rate = serializers.FloatField()
     mean_time_on_task_ms = serializers.FloatField(allow_null=True)
+
+
+class CampaignSerializer(CheckedModelSerializer):
+    policy = serializers.CharField(source="policy.name")
+    baseline = serializers.CharField(source="baseline.name", allow_null=True)
+
+    class Meta:
+        model = Campaign
+        fields = ["id", "name", "kind", "policy", "baseline", "status", "overlap", "created_at", "closed_at"]
+        read_only_fields = fields
+
+
+class CampaignPromptSerializer(serializers.Serializer):
+    """A prompts-file row: `prompt` or `dialogue`, optional domain and risk category, and (imported campaigns)
+    the responses."""
+
+    prompt = TextField(max_length=MAX_MESSAGE_CHARS, required=False)
+    dialogue = MessageSerializer(many=True, required=False)
+    domain = ChoiceTextField(choices=["helpfulness", "safety"], default="helpfulness")
+    risk_category = ChoiceTextField(choices=[c for c, _ in RiskCategory.choices], required=False)
+    response = TextField(max_length=200_000, required=False, allow_blank=False, trim_whitespace=False)
+    baseline_response = TextField(max_length=200_000, required=False, allow_blank=False, trim_whitespace=False)
+
+    def validate(self, attrs):
+        if ("prompt" in attrs) == ("dialogue" in attrs):
+            raise serializers.ValidationError("give prompt or dialogue")
+        if "prompt" in attrs:
+            attrs["dialogue"] = [{"role": "user", "content": attrs.pop("prompt")}]
+        return attrs
+
+
+class CampaignCreateSerializer(serializers.Serializer):
+    name = TextField(max_length=100)
+    kind = ChoiceTextField(choices=["rating", "pairwise"])
+    policy = TextField(max_length=100, help_text="the version under evaluation")
+    baseline = TextField(max_length=100, required=False, help_text="pairwise: the version it is compared with")
+    overlap = serializers.IntegerField(min_value=1, max_value=20, default=3)
+    prompts = CampaignPromptSerializer(many=True, allow_empty=False, max_length=20_000)
+    generation = JSONObjectField(required=False, default=dict,
+                                 help_text="model worker settings: temperatures, max_new_tokens, top_p, prompt_format")
+
+
+class EvaluationSubmitSerializer(serializers.Serializer):
+    score = serializers.IntegerField(min_value=1, max_value=7)
+    note = TextField(max_length=MAX_NOTE_CHARS, required=False, allow_blank=True, default="")
+    time_on_task_ms = TimeOnTaskField(required=False, allow_null=True)

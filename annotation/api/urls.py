@@ -10,6 +10,7 @@ router.register("annotations", views.AnnotationViewSet, basename="annotation")
 router.register("policies", views.PolicyVersionViewSet, basename="policy")
 router.register("reward-models", views.RewardModelVersionViewSet, basename="reward-model")
 router.register("training-runs", views.TrainingRunViewSet, basename="training-run")
+router.register("campaigns", views.CampaignViewSet, basename="campaign")
 
 batch_stats = views.BatchViewSet.as_view({"get": "stats"})
 batch_close = views.BatchViewSet.as_view({"post": "close"})
@@ -28,5 +29,7 @@ urlpatterns = [
     path("export/comparisons.jsonl", views.ExportView.as_view(), name="export-comparisons"),
     path("annotators/quality/", views.AnnotatorQualityView.as_view(), name="annotator-quality"),
     path("annotators/me/", views.MyCountsView.as_view(), name="annotator-me"),
+    path("evaluations/next/", views.EvaluationNextView.as_view(), name="evaluation-next"),
+    path("evaluations/<int:item_id>/submit/", views.EvaluationSubmitView.as_view(), name="evaluation-submit"),
     *router.urls,
 ]

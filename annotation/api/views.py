@@ -17,11 +17,13 @@ from rest_framework.exceptions import Throttled
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from annotation.evaluation_results import campaign_results, evaluation_payload
 from annotation.models import (
     Annotation,
     AnnotatorProfile,
     Batch,
     BatchStatus,
+    Campaign,
     ComparisonTask,
     PolicyVersion,
     Prompt,
@@ -32,6 +34,12 @@ from annotation.models import (
 from annotation.selectors import annotator_quality, assignment_payload, batch_stats, task_context
 from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
 from annotation.services.batches import batch_close
+from annotation.services.campaigns import (
+    campaign_close,
+    campaign_create,
+    evaluation_claim_next,
+    evaluation_submit,
+)
 from annotation.services.dialogues import prompt_create, task_attach_responses
 from annotation.services.errors import InvalidInput, NotFound
 from annotation.services.exports import FORMATS, ExportFilters, comparisons_export_lines
@@ -448,3 +456,58 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
         return Response(s.TrainingRunSerializer(run_cancel(run_id=self.get_object().pk)).data)
+
+
+class CampaignViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Human evaluation campaigns: researchers create one from prompts and one or two policy versions (the model
+    worker samples the responses, or the prompts carry them), close it, and read its results."""
+
+    queryset = Campaign.objects.select_related("policy", "baseline")
+    serializer_class = s.CampaignSerializer
+    permission_classes = [ReadReviewerWriteResearcher]
+    filterset_fields = ["kind", "status"]
+
+    @extend_schema(request=s.CampaignCreateSerializer, responses={201: s.CampaignSerializer})
+    def create(self, request):
+        data = s.CampaignCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        campaign = campaign_create(name=v["name"], kind=v["kind"], policy=v["policy"], baseline=v.get("baseline"),
+                                   prompts=v["prompts"], overlap=v["overlap"], user=request.user,
+                                   generation=v["generation"])  # fmt: skip
+        return Response(s.CampaignSerializer(campaign).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={200: s.CampaignSerializer})
+    @action(detail=True, methods=["post"])
+    def close(self, request, pk=None):
+        return Response(s.CampaignSerializer(campaign_close(campaign_id=self.get_object().pk)).data)
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["get"])
+    def results(self, request, pk=None):
+        return Response(campaign_results(self.get_object()))
+
+
+class EvaluationNextView(APIView):
+    """The next item to rate (blind: no policy names; a pairwise item shows `left` and `right`)."""
+
+    throttle_classes = [ExactScopedRateThrottle]
+    throttle_scope = "claim"
+
+    @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, 204: OpenApiResponse(description="nothing to rate")})
+    def post(self, request):
+        assignment = evaluation_claim_next(user=request.user)
+        if assignment is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        return Response(evaluation_payload(assignment))
+
+
+class EvaluationSubmitView(APIView):
+    @extend_schema(request=s.EvaluationSubmitSerializer, responses={201: OpenApiTypes.OBJECT})
+    def post(self, request, item_id: int):
+        data = s.EvaluationSubmitSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        rating = evaluation_submit(user=request.user, item_id=item_id, score=v["score"], note=v["note"],
+                                   time_on_task_ms=v.get("time_on_task_ms"))  # fmt: skip
+        return Response({"item_id": item_id, "rating_id": rating.pk, "scale": rating.scale}, status=status.HTTP_201_CREATED)

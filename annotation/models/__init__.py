@@ -1,6 +1,16 @@
 """The data model of the Llama 2 preference process. Invariants live in database constraints."""
 
 from .content import Dialogue, Prompt, Response, RiskCategory, Turn, TurnRole
+from .evaluation import (
+    Campaign,
+    CampaignKind,
+    CampaignStatus,
+    EvaluationAssignment,
+    EvaluationItem,
+    EvaluationRating,
+    ItemStatus,
+    RatingScale,
+)
 from .people import AnnotatorProfile, Role
 from .registry import (
     PolicyKind,
@@ -26,6 +36,14 @@ from .tasks import (
 )
 
 __all__ = [
+    "Campaign",
+    "CampaignKind",
+    "CampaignStatus",
+    "EvaluationAssignment",
+    "EvaluationItem",
+    "EvaluationRating",
+    "ItemStatus",
+    "RatingScale",
     "Adjudication",
     "Annotation",
     "AnnotatorProfile",

@@ -146,11 +146,31 @@ def task_attach_responses(*, task_id: int, responses: list[dict], policies: dict
     return task
 
 
+def dialogue_open(prompt: dict, *, where: str, source: str) -> tuple[Dialogue, int, str, str]:
+    """A dialogue from a prompts-file row (`dialogue`: chat turns ending with a user turn, an optional first system
+    turn left out; `domain`; `risk_category`): the dialogue, its context length, domain and risk category.
+    InvalidInput names `where` (the row)."""
+    turns = [t for t in prompt["dialogue"] if t["role"] != "system"]
+    domain = prompt.get("domain") or "helpfulness"
+    try:
+        risk = check_domain_and_risk(domain, prompt.get("risk_category") or ("uncategorized" if domain == "safety" else ""))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{where}: {exc.message}", field=exc.field) from None
+    if not turns or turns[-1]["role"] != "user" or any(t["role"] != ("user", "assistant")[j % 2] for j, t in enumerate(turns)):
+        raise InvalidInput(f"{where}: turns must alternate user/assistant and end with a user turn", field="dialogue")
+    text = check_text(turns[0]["content"], field="text", max_length=MAX_MESSAGE_CHARS).strip()
+    prompt_row = Prompt.objects.create(text=text, domain=domain, risk_category=risk, source=source)
+    dialogue = Dialogue.objects.create(prompt=prompt_row)
+    Turn.objects.bulk_create([Turn(dialogue=dialogue, position=j, role=t["role"], text=t["content"])
+                              for j, t in enumerate(turns)])  # fmt: skip
+    return dialogue, len(turns), domain, risk
+
+
 @transaction.atomic
 def batch_open_with_prompts(*, name: str, prompts: list[dict], overlap: int = 1, test_size: int = 1000,
                             source: str = "prompts-file") -> tuple[Batch, list[int]]:
-    """A new open batch whose comparisons wait for responses: one per prompt, `prompts` as dicts with `dialogue`
-    (chat turns ending with a user turn; no system turn), `domain` and `risk_category`. All or nothing."""
+    """A new open batch whose comparisons wait for responses: one per prompt (rows as `dialogue_open` reads them).
+    All or nothing."""
     if Batch.objects.filter(name=name).exists():
         raise Conflict(f"a batch named {name!r} exists")
     if not prompts:
@@ -158,21 +178,8 @@ def batch_open_with_prompts(*, name: str, prompts: list[dict], overlap: int = 1,
     batch = Batch.objects.create(name=name, overlap=overlap, test_size=test_size)
     task_ids = []
     for i, p in enumerate(prompts):
-        turns = [t for t in p["dialogue"] if t["role"] != "system"]
-        domain = p.get("domain") or "helpfulness"
-        try:
-            risk = check_domain_and_risk(domain, p.get("risk_category") or ("uncategorized" if domain == "safety" else ""))
-        except InvalidInput as exc:
-            raise InvalidInput(f"prompt {i + 1}: {exc.message}", field=exc.field) from None
-        if not turns or turns[-1]["role"] != "user" or any(t["role"] != ("user", "assistant")[j % 2] for j, t in enumerate(turns)):
-            raise InvalidInput(f"prompt {i + 1}: turns must alternate user/assistant and end with a user turn",
-                               field="dialogue")  # fmt: skip
-        text = check_text(turns[0]["content"], field="text", max_length=MAX_MESSAGE_CHARS).strip()
-        prompt = Prompt.objects.create(text=text, domain=domain, risk_category=risk, source=source)
-        dialogue = Dialogue.objects.create(prompt=prompt)
-        Turn.objects.bulk_create([Turn(dialogue=dialogue, position=j, role=t["role"], text=t["content"])
-                                  for j, t in enumerate(turns)])  # fmt: skip
-        task = ComparisonTask.objects.create(batch=batch, dialogue=dialogue, context_length=len(turns), domain=domain,
+        dialogue, context_length, domain, _ = dialogue_open(p, where=f"prompt {i + 1}", source=source)
+        task = ComparisonTask.objects.create(batch=batch, dialogue=dialogue, context_length=context_length, domain=domain,
                                              status=TaskStatus.AWAITING_RESPONSES, required_annotations=overlap)  # fmt: skip
         task_ids.append(task.pk)
     return batch, task_ids

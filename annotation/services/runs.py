@@ -101,6 +101,7 @@ RUN_PARAMS: dict[str, dict[str, Param]] = {
         "policy_b": Param("ref", ref="policy", help="response B's policy (default: the same)"),
         "temperatures": Param("floats", 0.0, 5.0, help="[A, B]: two temperatures (default [0.6, 1.0])"),
         "pending": Param("bool", help="fill every comparison awaiting responses"),
+        "campaign": Param("str", help="sample the responses of an evaluation campaign's items"),
         "prompts": Param("str", help="a prompts file: its prompts open a new batch"),
         "batch": Param("str", help="the new batch's name (with prompts)"),
         "overlap": _i(1, 20), "test_size": _i(0), **_SAMPLING, "seed": _i(0, 2**31),
@@ -163,7 +164,7 @@ def _resolve_refs(kind: str, params: dict[str, Any]) -> None:
             if name in params:
                 if not PolicyVersion.objects.filter(name=params[name]).exists():
                     raise InvalidInput(f"params.{name}: no policy version named {params[name]!r}", field=f"params.{name}")
-            elif name == "policy" and kind != RunKind.ROUND:
+            elif name == "policy" and kind != RunKind.ROUND and "campaign" not in params:  # a campaign names its own
                 current = PolicyVersion.objects.filter(is_current=True).first()
                 if current is None:
                     raise InvalidInput("params.policy: no policy is current; name one (register_policy)", field="params.policy")
@@ -241,8 +242,9 @@ def _check_shape(kind: str, params: dict[str, Any]) -> None:
             raise InvalidInput(f"params.batch_size {batch} is not a multiple of params.minibatch_size {mini}",
                                field="params.minibatch_size")  # fmt: skip
     if kind == RunKind.GENERATION:
-        if bool(params.get("pending")) == ("prompts" in params):
-            raise InvalidInput("give params.pending true, or params.prompts and params.batch", field="params.prompts")
+        if bool(params.get("pending")) + ("prompts" in params) + ("campaign" in params) != 1:
+            raise InvalidInput("give params.pending true, params.prompts and params.batch, or params.campaign",
+                               field="params.prompts")  # fmt: skip
         if "prompts" in params:
             if "batch" not in params:
                 raise InvalidInput("params.batch (the new batch's name) is required with params.prompts", field="params.batch")
