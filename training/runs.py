@@ -143,7 +143,24 @@ def register_output(run: TrainingRun, checkpoint: Path, report: dict[str, Any]) 
     metrics = {"run": run.pk, **{k: v for k, v in report.items() if k not in ("history", "config")}}
     version = policy_register(name=name, checkpoint=str(checkpoint), kind=POLICY_KINDS[run.kind], parent=parent,
                               metrics=metrics, prompt_format=parent.metrics.get("prompt_format", "chat"))  # fmt: skip
+    evaluate_new_version(run, version)
     return {"policy_version": version}
+
+
+def evaluate_new_version(run: TrainingRun, version: PolicyVersion) -> None:
+    """Queue the model-based evaluation of a version a stage made on its own (a round evaluates its own): reward-model
+    win rate against its parent on the run's held-out prompts (the report's Figure 11), once reward models exist."""
+    from annotation.services.runs import run_create
+
+    if run.parent_id is not None or not RewardModelVersion.objects.exists():
+        return
+    if TrainingRun.objects.filter(kind=RunKind.EVALUATION, params__policy=version.name).exists():
+        return  # a re-executed run queued it already
+    source = {k: run.params[k] for k in ("prompts", "batches") if k in run.params}
+    try:
+        run_create(kind=RunKind.EVALUATION, params={"policy": version.name, **source}, user=run.created_by)
+    except Exception:  # the evaluation is a follow-up: never fail the stage that made the version over it
+        log.exception("could not queue the evaluation of %s", version.name)
 
 
 def _policy_inputs(run: TrainingRun) -> tuple[PolicyVersion, dict[str, Any]]:

@@ -227,7 +227,7 @@ def _fit_reward_model(params: dict[str, Any]) -> None:
 def _check_shape(kind: str, params: dict[str, Any]) -> None:
     if kind == RunKind.REWARD_MODEL:
         _fit_reward_model(params)
-    if kind in (RunKind.SFT, RunKind.REJECTION_SAMPLING, RunKind.PPO, RunKind.DISTILLATION):
+    if kind in (RunKind.SFT, RunKind.REJECTION_SAMPLING, RunKind.PPO, RunKind.DISTILLATION, RunKind.EVALUATION):
         if "prompts" in params and "batches" in params:
             raise InvalidInput("give params.prompts or params.batches, not both", field="params.prompts")
         if "prompts" not in params and "batches" not in params:

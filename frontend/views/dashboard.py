@@ -177,6 +177,11 @@ def policy_panel() -> dict:
             points, title="Mean helpfulness and safety score per policy version (Figure 11)",
             x_label="helpfulness", y_label="safety",
         ),  # fmt: skip
+        "win_chart": charts.interval_bar_chart(
+            [(p.name, e["win_rate"], None, None, e.get("n_prompts", 0)) for p in policies
+             if isinstance(e := p.metrics.get("evaluation"), dict) and _number(e.get("win_rate")) is not None],
+            title="Reward-model win rate of each version against its parent (Figure 11)",
+        ),  # fmt: skip
         "rs_chart": charts.line_chart(
             curves, title="Rejection sampling: max reward among N samples", log_x=True, x_label="N (log scale)",
             y_label="max reward",

@@ -361,3 +361,45 @@ def test_a_cancel_kills_a_launched_runs_processes(stories, tiny_policy, stories_
     launched = Path(settings_artifacts()) / "runs" / f"{run.pk}-sft" / "launch"
     alive = subprocess.run(["pgrep", "-f", str(launched)], capture_output=True, text=True).stdout.split()
     assert not alive, "the run's torchrun and ranks outlived the cancel"
+
+
+def test_the_model_worker_samples_a_pairwise_campaigns_responses_from_both_versions(stories, tiny_policy,
+                                                                                     stories_tokenizer):
+    from annotation.models import EvaluationItem
+    from annotation.services.campaigns import campaign_create
+
+    policy_register(name="tiny", checkpoint=str(tiny_policy), tokenizer=str(stories_tokenizer), prompt_format="plain")
+    campaign_create(name="stories-vs-tiny", kind="pairwise", policy="stories", baseline="tiny", overlap=1,
+                    prompts=[{"dialogue": [{"role": "user", "content": f"Once upon a time, {n}"}]} for n in ("Tom", "Sue", "Max")],
+                    generation={"max_new_tokens": 12, "seed": 4})  # fmt: skip
+    run = TrainingRun.objects.get(kind="generation")
+    assert execute_run(run.pk) == "succeeded", TrainingRun.objects.get(pk=run.pk).error
+    items = list(EvaluationItem.objects.select_related("response__policy_version", "baseline_response__policy_version"))
+    assert [i.status for i in items] == ["open"] * 3
+    for item in items:
+        assert item.response.policy_version.name == "stories"
+        assert item.baseline_response.policy_version.name == "tiny"
+        assert item.response.sampling["temperature"] == item.baseline_response.sampling["temperature"] == 0.6
+        assert item.response.text != item.baseline_response.text
+
+
+def test_a_version_made_by_a_stage_is_evaluated_against_its_parent_by_a_queued_run(
+        stories, stories_tokenizer, sft_prompts_file, django_capture_on_commit_callbacks):
+    batch = BatchFactory(name="rm-data", test_size=0)
+    _pairs(batch, 40)
+    rm = run_create(kind="reward_model", params={"kind": "helpfulness", "batches": ["rm-data"], "name": "RM",
+                                                 "config": "tiny", "tokenizer": str(stories_tokenizer), "max_steps": 2},
+                    send=False)  # fmt: skip
+    assert execute_run(rm.pk) == "succeeded"
+    sft = run_create(kind="sft", params={"prompts": str(sft_prompts_file), "max_steps": 1, "global_batch_rows": 2,
+                                         "micro_batch_rows": 2, "seq_len": 32, "name": "stories-sft"}, send=False)  # fmt: skip
+    with django_capture_on_commit_callbacks():
+        assert execute_run(sft.pk) == "succeeded"
+    evaluation = TrainingRun.objects.get(kind="evaluation")
+    assert evaluation.params == {"policy": "stories-sft", "prompts": str(sft_prompts_file)}
+    TrainingRun.objects.filter(pk=evaluation.pk).update(params={**evaluation.params, "max_new_tokens": 8})
+    assert execute_run(evaluation.pk) == "succeeded", TrainingRun.objects.get(pk=evaluation.pk).error
+    version = PolicyVersion.objects.get(name="stories-sft")
+    assert version.metrics["evaluation"]["baseline"] == "stories"
+    assert 0 <= version.metrics["evaluation"]["win_rate"] <= 1
+    assert not version.is_current  # evaluated, not promoted: that is a round's (or a researcher's) decision
