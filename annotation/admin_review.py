@@ -2,7 +2,7 @@
 
 from django.contrib import admin
 
-from annotation.admin import LABELLED_FILTERS, LabelColumns
+from annotation.admin_labels import LABELLED_FILTERS, LabelColumns
 from annotation.models import Adjudication, Guideline
 
 
