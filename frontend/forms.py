@@ -178,3 +178,32 @@ class CampaignForm(forms.Form):
         if not data.get("prompts_file") and not (data.get("prompts_text") or "").strip():
             raise forms.ValidationError("give the prompts: upload a prompts file or paste its lines")
         return data
+
+
+class BatchCreateForm(forms.Form):
+    """A new batch: comparisons imported from a file, or prompts answered by the model worker; or only the prompts
+    already waiting for responses, answered."""
+
+    source = forms.ChoiceField(choices=[("import", "Import a preference file"),
+                                        ("prompts", "A prompts file, answered by a policy"),
+                                        ("pending", "Answer the prompts waiting for responses")])  # fmt: skip
+    name = forms.CharField(max_length=100, required=False)
+    overlap = forms.IntegerField(min_value=1, max_value=20, initial=1)
+    test_size = forms.IntegerField(min_value=0, max_value=100_000, initial=1000)
+    file = forms.FileField(required=False)
+    format = forms.ChoiceField(choices=[("native", "native"), ("hh-rlhf", "HH-RLHF"), ("oasst", "Open-Assistant trees"),
+                                        ("pandalm", "PandaLM")], required=False)  # fmt: skip
+    domain = forms.ChoiceField(choices=DOMAINS, required=False)
+    policy = forms.CharField(max_length=100, required=False, help_text="default: the current policy")
+
+    def clean(self):
+        data = super().clean()
+        source = data.get("source")
+        if source in ("import", "prompts"):
+            if not data.get("name"):
+                self.add_error("name", "name the new batch")
+            if not data.get("file"):
+                self.add_error("file", "upload the file")
+        if source == "import" and (not data.get("format") or not data.get("domain")):
+            raise forms.ValidationError("an import needs the file's format and domain")
+        return data

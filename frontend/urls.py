@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from .views import annotate, campaigns, dashboard, login, pages, review
+from .views import annotate, campaigns, dashboard, login, pages, review, work
 
 app_name = "frontend"
 
@@ -24,6 +24,8 @@ urlpatterns = [
     path("dashboard/runs/", dashboard.runs_fragment, name="dashboard-runs"),
     path("dashboard/runs/<int:run_id>/cancel/", dashboard.run_cancel, name="run-cancel"),
     path("dashboard/runs/start/", dashboard.run_start, name="run-start"),
+    path("dashboard/work/", work.work, name="work"),
+    path("dashboard/batches/<int:batch_id>/close/", work.batch_close_view, name="batch-close"),
     path("rate/", campaigns.rate, name="rate"),
     path("rate/<int:item_id>/", campaigns.rate_submit, name="rate-submit"),
     path("dashboard/campaigns/", campaigns.campaigns, name="campaigns"),

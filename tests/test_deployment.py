@@ -723,7 +723,7 @@ FRONTEND_PAGES = {
     "home": 302, "login": 200, "logout": 405, "annotate": 200, "annotate-next": 405, "annotate-submit": 405,
     "annotate-skip": 405, "prompt-write": 200, "guidelines": 200, "guidelines-domain": 200, "review": 200,
     "review-task": 200, "dashboard": 200, "dashboard-runs": 200, "run-cancel": 405, "run-start": 405,
-    "annotate-history": 200, "annotate-undo": 405, "rate": 200, "rate-submit": 405, "campaigns": 200, "campaign": 200, "campaign-close": 405,
+    "annotate-history": 200, "annotate-undo": 405, "work": 200, "batch-close": 405, "rate": 200, "rate-submit": 405, "campaigns": 200, "campaign": 200, "campaign-close": 405,
 }  # fmt: skip
 STATIC_REFERENCE = re.compile(r"""(?:src|href)=["'](/static/[^"'?#]+)""")
 CSS_URL = re.compile(r"""url\(\s*["']?([^"')]+)["']?\s*\)""")
@@ -866,7 +866,7 @@ def test_gunicorn_serves_every_page_under_the_production_settings_as_compose_run
     campaign = campaign_create(name="deploy-campaign", kind="pairwise", policy="deploy-v2", baseline="SFT", prompts=[
         {"dialogue": [{"role": "user", "content": "Hi"}], "response": "Hello", "baseline_response": "Hey"}])  # fmt: skip
     paths = frontend_paths({"task_id": tasks[0].id, "domain": "safety", "run_id": 1, "campaign_id": campaign.pk,
-                            "item_id": campaign.items.get().pk, "annotation_id": 1})  # fmt: skip
+                            "item_id": campaign.items.get().pk, "annotation_id": 1, "batch_id": 1})  # fmt: skip
     assert set(paths) == set(FRONTEND_PAGES), f"pages without an expected status here: {set(paths) ^ set(FRONTEND_PAGES)}"
     pages = {**{paths[name]: FRONTEND_PAGES[name] for name in paths}, "/admin/": 200, "/api/schema/ui/": 200,
              "/api/schema/": 200}  # fmt: skip
