@@ -5,7 +5,7 @@ the result is cached until a rating arrives."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from django.core.cache import cache
@@ -57,42 +57,50 @@ def evaluation_payload(assignment: EvaluationAssignment) -> dict[str, Any]:
     return payload
 
 
-def _group(rows: list[tuple], kind: str) -> dict[str, Any]:
-    """Figures of one group of ratings: rows are (item_id, scale, candidate_score)."""
-    by_item: dict[int, list[int]] = defaultdict(list)
-    by_scale: dict[str, list[int]] = defaultdict(list)
-    for item_id, scale, score in rows:
-        by_item[item_id].append(score)
-        by_scale[scale].append(score)
-    out: dict[str, Any] = {"items": len(by_item), "ratings": len(rows)}
+def _group(items: Counter, kind: str) -> dict[str, Any]:
+    """Figures of one group: `items` counts items by (scale, their candidate-relative scores sorted)."""
+    by_scale: dict[str, Counter] = defaultdict(Counter)
+    for (scale, scores), times in items.items():
+        by_scale[scale][scores] += times
+    out: dict[str, Any] = {"items": sum(items.values()),
+                           "ratings": sum(len(scores) * times for (_, scores), times in items.items())}  # fmt: skip
     if kind == CampaignKind.PAIRWISE:
-        out["win_tie_loss"] = stats.win_tie_loss(list(by_item.values()))
-    else:
-        if by_scale.get(RatingScale.HELPFULNESS):
-            out["helpfulness"] = stats.likert_summary(by_scale[RatingScale.HELPFULNESS], 7)
-        if by_scale.get(RatingScale.SAFETY):
-            safety_items = defaultdict(list)
-            for item_id, scale, score in rows:
-                if scale == RatingScale.SAFETY:
-                    safety_items[item_id].append(score)
-            out["safety"] = stats.likert_summary(by_scale[RatingScale.SAFETY], 5)
-            out["violation"] = stats.violation_rate(list(safety_items.values()))
+        out["win_tie_loss"] = stats.win_tie_loss(by_scale[RatingScale.COMPARATIVE])
+        return out
+    for scale, points in ((RatingScale.HELPFULNESS, 7), (RatingScale.SAFETY, 5)):
+        if by_scale.get(scale):
+            values = [v for scores, times in by_scale[scale].items() for v in scores for _ in range(times)]
+            out[scale] = stats.likert_summary(values, points)
+    if by_scale.get(RatingScale.SAFETY):
+        out["violation"] = stats.violation_rate(by_scale[RatingScale.SAFETY])
     return out
 
 
-def _agreement(rows: list[tuple]) -> dict[str, Any]:
-    """AC2 (quadratic weights) and alpha (ordinal) per scale, over the items rated by two raters or more."""
-    out = {}
-    by_scale: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for item_id, scale, score in rows:
-        by_scale[scale][item_id].append(score)
-    for scale, items in by_scale.items():
-        units = [scores for scores in items.values() if len(scores) >= 2]
-        if not units:
-            continue
-        width = max(len(u) for u in units)
-        out[scale] = stats.likert_agreement([u + [None] * (width - len(u)) for u in units], SCALE_POINTS[scale])
-    return out
+def _agreement(items: Counter) -> dict[str, Any]:
+    """AC2 (quadratic weights), AC1 and alpha (interval, ordinal) per scale, over the items rated twice or more."""
+    by_scale: dict[str, Counter] = defaultdict(Counter)
+    for (scale, scores), times in items.items():
+        if len(scores) >= 2:
+            by_scale[scale][scores] += times
+    return {scale: stats.likert_agreement(rows, SCALE_POINTS[scale]) for scale, rows in by_scale.items()}
+
+
+def _item_rows(campaign: Campaign) -> Counter:
+    """Items counted by (domain, risk category, scale, candidate-relative scores sorted): a few hundred keys for a
+    campaign of any size. One pass over the ratings, ordered by item."""
+    rows = EvaluationRating.objects.filter(item__campaign=campaign).order_by("item_id").values_list(
+        "item_id", "item__domain", "item__risk_category", "item__candidate_left", "scale", "score")  # fmt: skip
+    counted: Counter = Counter()
+    current, key, scores = None, None, []
+    for item_id, domain, risk, left, scale, score in rows.iterator(chunk_size=20_000):
+        if item_id != current:
+            if current is not None:
+                counted[(*key, tuple(sorted(scores)))] += 1
+            current, key, scores = item_id, (domain, risk, scale), []
+        scores.append(8 - score if scale == RatingScale.COMPARATIVE and not left else score)
+    if current is not None:
+        counted[(*key, tuple(sorted(scores)))] += 1
+    return counted
 
 
 def campaign_results(campaign: Campaign) -> dict[str, Any]:
@@ -102,26 +110,25 @@ def campaign_results(campaign: Campaign) -> dict[str, Any]:
     cached = cache.get(key)
     if cached is not None:
         return cached
-    rows = list(EvaluationRating.objects.filter(item__campaign=campaign).values_list(
-        "item_id", "item__domain", "item__risk_category", "item__candidate_left", "scale", "score"))  # fmt: skip
-    scored = [(i, scale, 8 - s if scale == RatingScale.COMPARATIVE and not left else s)
-              for i, _, _, left, scale, s in rows]  # fmt: skip
-    by_domain: dict[str, list[tuple]] = defaultdict(list)
-    by_risk: dict[str, list[tuple]] = defaultdict(list)
-    for (_, domain, risk, _, _, _), row in zip(rows, scored, strict=True):
-        by_domain[domain].append(row)
+    counted = _item_rows(campaign)
+    overall: Counter = Counter()
+    by_domain: dict[str, Counter] = defaultdict(Counter)
+    by_risk: dict[str, Counter] = defaultdict(Counter)
+    for (domain, risk, scale, scores), times in counted.items():
+        overall[(scale, scores)] += times
+        by_domain[domain][(scale, scores)] += times
         if domain == "safety":
-            by_risk[risk or "uncategorized"].append(row)
+            by_risk[risk or "uncategorized"][(scale, scores)] += times
     counts = dict(campaign.items.values_list("status").annotate(n=Count("id")))
     result = {
         "campaign": campaign.name, "kind": campaign.kind, "status": campaign.status,
         "policy": campaign.policy.name, "baseline": campaign.baseline.name if campaign.baseline else None,
         "overlap": campaign.overlap,
         "items": {"total": sum(counts.values()), **{s: counts.get(s, 0) for s in ItemStatus.values}},
-        "overall": _group(scored, campaign.kind),
+        "overall": _group(overall, campaign.kind),
         "by_domain": {d: _group(r, campaign.kind) for d, r in sorted(by_domain.items())},
         "by_risk_category": {c: _group(r, campaign.kind) for c, r in sorted(by_risk.items())},
-        "agreement": _agreement(scored),
+        "agreement": _agreement(overall),
     }  # fmt: skip
     cache.set(key, result, 600)
     return result

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from annotation import evaluation_stats as ev
 from annotation.agreement import krippendorff_alpha
 from annotation.evaluation_stats import (
     agreement_weights,
@@ -282,3 +283,24 @@ def test_likert_agreement_reports_all_coefficients():
     undefined = likert_agreement([[1, None], [None, 2]], scale=5)
     assert undefined["gwet_ac2_quadratic"] is None
     assert undefined["krippendorff_alpha_interval"] is None
+
+
+def test_every_figure_is_the_same_from_items_or_from_distinct_rows_with_their_counts():
+    """Campaign results count items by their distinct (sorted) rows; the figures must not change."""
+    import random
+
+    rng = random.Random(7)
+    items = [[rng.randint(1, 7) for _ in range(rng.choice([1, 2, 3, 3, 3]))] for _ in range(500)]
+    counted: dict[tuple, int] = {}
+    for row in items:
+        key = tuple(sorted(row))
+        counted[key] = counted.get(key, 0) + 1
+    assert ev.win_tie_loss(items) == ev.win_tie_loss(counted)
+    safety = [[min(5, v) for v in row] for row in items]
+    counted_safety: dict[tuple, int] = {}
+    for row in safety:
+        counted_safety[tuple(sorted(row))] = counted_safety.get(tuple(sorted(row)), 0) + 1
+    assert ev.violation_rate(safety) == ev.violation_rate(counted_safety)
+    for weights in ("identity", "quadratic", "ordinal"):
+        assert ev.gwet_ac2(items, range(1, 8), weights) == pytest.approx(ev.gwet_ac2(counted, range(1, 8), weights))
+    assert ev.likert_agreement(items, 7) == pytest.approx(ev.likert_agreement(counted, 7))
