@@ -9,8 +9,10 @@ from django.db.models import Avg, Count, F, Max, Q, Sum
 from django.db.models.functions import TruncDate
 
 from annotation.agreement import krippendorff_alpha, percent_agreement
-from annotation.models import Annotation, Batch, BatchStatus, ComparisonTask, TaskStatus, Turn
+from annotation.models import Annotation, Batch, BatchStatus, ComparisonTask, EvaluationItem, TaskStatus, Turn
+from annotation.models.tasks import SlotState, TaskSlot
 from annotation.scales import Choice, Strength, signed_preference
+from annotation.services.review import tasks_needing_review
 
 
 def batch_agreement(batch: Batch, *, domain: str | None = None) -> dict:
@@ -192,4 +194,19 @@ def assignment_payload(assignment) -> dict:
         "response_b": {"id": b_id, "text": b_text},
         "leased_at": assignment.leased_at,
         "expires_at": assignment.expires_at,
+    }
+
+
+def work_backlogs() -> dict:
+    """(The dashboard's cockpit and GET /api/v1/backlogs/.) Work waiting, by kind: responses for the model worker, comparisons per skill, the review queue, ratings."""
+    open_batches = Batch.objects.filter(status=BatchStatus.OPEN)
+    slots = (TaskSlot.objects.filter(batch__in=open_batches).exclude(state=SlotState.FILLED)
+             .values("domain").annotate(n=Count("id")))  # fmt: skip
+    return {
+        "awaiting_responses": ComparisonTask.objects.filter(status=TaskStatus.AWAITING_RESPONSES,
+                                                            batch__in=open_batches).count(),  # fmt: skip
+        "open_places": {row["domain"]: row["n"] for row in slots},
+        "review_queue": tasks_needing_review().count(),
+        "ratings_awaiting_responses": EvaluationItem.objects.filter(status="awaiting_responses").count(),
+        "items_to_rate": EvaluationItem.objects.filter(status="open", campaign__status="open").count(),
     }

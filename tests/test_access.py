@@ -35,6 +35,7 @@ ACCESS = {
     ("GET", "/api/v1/annotations/{id}/"): SIGNED_IN,  # their own only (404 otherwise)
     ("GET", "/api/v1/annotators/me/"): SIGNED_IN,  # their own counts
     ("GET", "/api/v1/annotators/quality/"): REVIEWERS,
+    ("GET", "/api/v1/backlogs/"): REVIEWERS,
     ("GET", "/api/v1/batches/"): REVIEWERS,
     ("POST", "/api/v1/batches/"): RESEARCHERS,
     ("GET", "/api/v1/batches/{id}/"): REVIEWERS,

@@ -29,6 +29,7 @@ urlpatterns = [
     path("export/comparisons.jsonl", views.ExportView.as_view(), name="export-comparisons"),
     path("annotators/quality/", views.AnnotatorQualityView.as_view(), name="annotator-quality"),
     path("annotators/me/", views.MyCountsView.as_view(), name="annotator-me"),
+    path("backlogs/", views.BacklogsView.as_view(), name="backlogs"),
     path("evaluations/next/", views.EvaluationNextView.as_view(), name="evaluation-next"),
     path("evaluations/<int:item_id>/submit/", views.EvaluationSubmitView.as_view(), name="evaluation-submit"),
     *router.urls,

@@ -31,7 +31,13 @@ from annotation.models import (
     Role,
     TrainingRun,
 )
-from annotation.selectors import annotator_quality, assignment_payload, batch_stats, task_context
+from annotation.selectors import (
+    annotator_quality,
+    assignment_payload,
+    batch_stats,
+    task_context,
+    work_backlogs,
+)
 from annotation.services.assignment import annotation_submit, assignment_claim_next, assignment_give_back
 from annotation.services.batches import batch_close
 from annotation.services.campaigns import (
@@ -486,6 +492,17 @@ class CampaignViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     @action(detail=True, methods=["get"])
     def results(self, request, pk=None):
         return Response(campaign_results(self.get_object()))
+
+
+class BacklogsView(APIView):
+    """Work waiting, by kind: comparisons awaiting responses, open places per skill, the review queue, evaluation
+    items (what the dashboard's cockpit shows)."""
+
+    permission_classes = [IsReviewer]
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT})
+    def get(self, request):
+        return Response(work_backlogs())
 
 
 class EvaluationNextView(APIView):

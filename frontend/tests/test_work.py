@@ -22,6 +22,9 @@ def test_backlogs_count_the_work_waiting(researcher_client):
     page = researcher_client.get("/dashboard/work/").content.decode()
     assert '<dd id="awaiting">1</dd>' in page
     assert "Open places, helpfulness</dt><dd>6</dd>" in page  # 3 comparisons x 2 raters
+    api = researcher_client.get("/api/v1/backlogs/").json()
+    assert api["awaiting_responses"] == 1
+    assert api["open_places"] == {"helpfulness": 6}
 
 
 def test_a_batch_imported_from_an_upload_is_listed_exported_and_closed(researcher_client, settings, tmp_path):

@@ -15,36 +15,17 @@ from django.views.decorators.http import require_POST
 from annotation.importers import parse_file
 from annotation.models import (
     Batch,
-    BatchStatus,
-    ComparisonTask,
-    EvaluationItem,
     TaskStatus,
 )
-from annotation.models.tasks import SlotState, TaskSlot
+from annotation.selectors import work_backlogs
 from annotation.services.batches import batch_close
 from annotation.services.errors import AnnotationError
 from annotation.services.exports import FORMATS
 from annotation.services.imports import comparisons_store
-from annotation.services.review import tasks_needing_review
 from annotation.services.runs import run_create
 
 from ..access import DASHBOARD_ROLES, role_required
 from ..forms import BatchCreateForm
-
-
-def backlogs() -> dict:
-    """Work waiting, by kind: responses for the model worker, comparisons per skill, the review queue, ratings."""
-    open_batches = Batch.objects.filter(status=BatchStatus.OPEN)
-    slots = (TaskSlot.objects.filter(batch__in=open_batches).exclude(state=SlotState.FILLED)
-             .values("domain").annotate(n=Count("id")))  # fmt: skip
-    return {
-        "awaiting_responses": ComparisonTask.objects.filter(status=TaskStatus.AWAITING_RESPONSES,
-                                                            batch__in=open_batches).count(),  # fmt: skip
-        "open_places": {row["domain"]: row["n"] for row in slots},
-        "review_queue": tasks_needing_review().count(),
-        "ratings_awaiting_responses": EvaluationItem.objects.filter(status="awaiting_responses").count(),
-        "items_to_rate": EvaluationItem.objects.filter(status="open", campaign__status="open").count(),
-    }
 
 
 def _save_upload(upload) -> Path:
@@ -106,7 +87,7 @@ def work(request):
         b.exports = [(fmt, split, f"{export}?batch={b.name}&format={fmt}" + (f"&split={split}" if split else ""))
                      for fmt in FORMATS for split in ("", "train", "test")]  # fmt: skip
     return render(request, "frontend/work.html", {"nav": "work", "form": form, "batches": batches,
-                                                  "backlogs": backlogs()}, status=status)  # fmt: skip
+                                                  "backlogs": work_backlogs()}, status=status)  # fmt: skip
 
 
 @require_POST
