@@ -62,7 +62,8 @@ _SAMPLING = {"max_new_tokens": _i(1, 4096), "top_p": _f(0.0, 1.0), "prompt_forma
              "batch_size": _i(1, 4096)}  # fmt: skip
 _FINETUNE = {"epochs": _i(1, 1_000_000), "max_steps": _i(1), "max_minutes": _f(0.01), "learning_rate": _f(0.0, 1.0),
              "global_batch_rows": _i(1, 65536), "micro_batch_rows": _i(1, 4096), "seq_len": _i(8, 131072),
-             "checkpoint_every": _i(0), "seed": _i(0, 2**31)}  # fmt: skip
+             "checkpoint_every": _i(0), "seed": _i(0, 2**31),
+             "sharding": Param("choice", choices=("ddp", "fsdp"), help="with world_size > 1")}  # fmt: skip
 _POLICY_IN = {"policy": Param("ref", ref="policy", help="policy version (default: the current one)"),
               "prompts": Param("str", help="a prompts file on the shared volume"),
               "batches": Param("names", ref="batch", help="prompts of these batches (default: all closed ones)"),
@@ -92,6 +93,7 @@ RUN_PARAMS: dict[str, dict[str, Param]] = {
         "max_new_tokens": _i(1, 4096), "temperature": _f(0.01, 5.0), "kl_coef": _f(0.0, 100.0),
         "learning_rate": _f(0.0, 1.0), "max_minutes": _f(0.01), "eval_every": _i(0), "checkpoint_every": _i(0),
         "missing_eos_penalty": _f(0.0, 1000.0), "seed": _i(0, 2**31), "prompt_format": _SAMPLING["prompt_format"],
+        "sharding": _FINETUNE["sharding"],
     },  # fmt: skip
     RunKind.DISTILLATION: {**_POLICY_IN, **_SAMPLING, **_FINETUNE,
                            "safety_reward_model": _REWARDS["safety_reward_model"], "temperature": _f(0.0, 5.0),

@@ -201,6 +201,32 @@ def test_distributed_two_processes_match_one(tmp_path, tiny_policy, stories_toke
     assert [x["reward_mean"] for x in lines[:2]] == pytest.approx([h["reward_mean"] for h in one_report["history"]])
 
 
+def test_fsdp_two_processes_match_one_with_early_stopping_on_held_out_prompts(tmp_path, tiny_policy, stories_tokenizer,
+                                                                             story_prompts):
+    """FSDP2 shards policy and value over two processes; sampling gathers the full weights once (rollouts and the
+    held-out evaluation), the best policy is gathered for saving: the same run as one process."""
+    args = ["--policy", str(tiny_policy), "--tokenizer", str(stories_tokenizer), "--prompts", str(story_prompts),
+            "--reward-fn", E_FN, "--prompt-format", "plain", "--iterations", "3", "--batch-size", "8",
+            "--minibatch-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-3", "--eval-every", "1",
+            "--eval-fraction", "0.2", "--threads", "1"]  # fmt: skip
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "training.ppo", *args, "--fsdp", "--out", str(tmp_path / "fsdp")], cwd=REPO,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one_report = json.loads((tmp_path / "one" / "ppo_report.json").read_text())
+    fsdp_report = json.loads((tmp_path / "fsdp" / "ppo_report.json").read_text())
+    assert fsdp_report["config"]["sharding"] == "fsdp"
+    assert [h["reward_mean"] for h in fsdp_report["history"]] == pytest.approx([h["reward_mean"] for h in one_report["history"]])
+    assert [h["eval_reward_mean"] for h in fsdp_report["history"]] == pytest.approx(
+        [h["eval_reward_mean"] for h in one_report["history"]])  # fmt: skip
+    assert fsdp_report["best_iteration"] == one_report["best_iteration"]
+    one = load_checkpoint(tmp_path / "one" / POLICY_DIR)[0].state_dict()
+    fsdp = load_checkpoint(tmp_path / "fsdp" / POLICY_DIR)[0].state_dict()
+    for name in one:
+        torch.testing.assert_close(fsdp[name], one[name], rtol=1e-4, atol=1e-5)
+
+
 def test_bad_settings_are_clear_errors(tmp_path, tiny_policy, stories_tokenizer, story_prompts, capsys):
     with pytest.raises(ValueError, match="not a multiple of the minibatch"):
         train_ppo(_config(tmp_path, tiny_policy, stories_tokenizer, story_prompts, batch_size=10, minibatch_size=4))
