@@ -150,6 +150,10 @@ SPECTACULAR_SETTINGS = {
         "RiskCategoryEnum": "annotation.models.content.RiskCategory",
         "PolicyKindEnum": "annotation.models.registry.PolicyKind",
         "RunKindEnum": "annotation.models.registry.RunKind",
+        "RunStatusEnum": "annotation.models.registry.RunStatus",
+        "OpenClosedEnum": "annotation.models.tasks.BatchStatus",  # a batch's status, and a campaign's (the same choices)
+        "CampaignKindEnum": "annotation.models.evaluation.CampaignKind",
+        "TaskStatusEnum": "annotation.models.tasks.TaskStatus",
     },
 }
 

@@ -34,6 +34,10 @@ MIDDLEWARE = ["config.health.HealthCheckMiddleware", *MIDDLEWARE]
 # A path of the code's tree, not of VAR_DIR (a run-time directory): `collectstatic` writes it when the image is
 # built, and whitenoise serves it at run time, whatever VAR_DIR the container is given. STATIC_ROOT overrides it.
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+try:  # collectstatic fills it; an empty one (a checkout that has not collected yet) keeps whitenoise quiet
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+except OSError:  # a read-only image: it was collected at build time
+    pass
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
