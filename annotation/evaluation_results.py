@@ -39,11 +39,12 @@ SCALE_LABELS = {
 
 def evaluation_payload(assignment: EvaluationAssignment) -> dict[str, Any]:
     """What a rater is shown: context, the response(s) left and right, the scale with its labels. Blind: no policy
-    names, and which side is the candidate is not said."""
+    or campaign names (a campaign's name often says which versions it compares), and which side is the candidate
+    is not said."""
     item = assignment.item
     scale = scale_of(item)
     payload: dict[str, Any] = {
-        "item_id": item.pk, "campaign": item.campaign.name, "domain": item.domain, "risk_category": item.risk_category,
+        "item_id": item.pk, "domain": item.domain, "risk_category": item.risk_category,
         "dialogue": task_context(item), "scale": scale, "points": SCALE_POINTS[scale],
         "labels": {str(k): v for k, v in SCALE_LABELS[scale].items()},
         "leased_at": assignment.leased_at.isoformat(), "expires_at": assignment.expires_at.isoformat(),

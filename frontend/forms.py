@@ -8,7 +8,7 @@ from annotation.models import RiskCategory
 from annotation.scales import SafetyLabel, Strength
 from annotation.services.errors import InvalidInput
 from annotation.throttling import login_attempt_begin, login_attempt_succeeded
-from annotation.validation import MAX_MESSAGE_CHARS, check_text
+from annotation.validation import MAX_MESSAGE_CHARS, check_text, parse_json
 
 DOMAINS = [("helpfulness", "Helpfulness"), ("safety", "Safety")]
 STRENGTHS = [
@@ -104,15 +104,13 @@ RUN_KINDS = [("reward_model", "Reward model"), ("sft", "SFT"), ("rejection_sampl
 
 class JSONObjectField(forms.CharField):
     def to_python(self, value):
-        import json
-
         value = super().to_python(value)
         if not value:
             return {}
         try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise forms.ValidationError(f"params is not JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+            parsed = parse_json(value, what="params")  # strict: no NaN, bounded nesting
+        except InvalidInput as e:
+            raise forms.ValidationError(e.message) from None
         if not isinstance(parsed, dict):
             raise forms.ValidationError("params must be a JSON object, e.g. {\"iterations\": 20}")
         return parsed

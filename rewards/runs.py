@@ -6,11 +6,10 @@ maths stay in `rewards.train`, which knows nothing of Django.
 
 from pathlib import Path
 
-from django.conf import settings
 from django.db import transaction
 
 from annotation.models import Batch, PolicyVersion, RewardModelVersion, TrainingRun
-from training.run_control import RunControl
+from training.run_control import RunControl, run_dir
 
 DEFAULT_CHECKPOINT_EVERY = 10  # steps: a run re-queued after its worker died loses at most this many
 
@@ -49,7 +48,7 @@ def reward_run_train(run: TrainingRun, control: RunControl) -> dict:
             if policy.tokenizer_uri:
                 params.setdefault("tokenizer", policy.tokenizer_uri)
     params.setdefault("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
-    out = Path(settings.ARTIFACTS_DIR) / "reward-models" / name
+    out = run_dir(run)  # the run's own directory: its data snapshot and checkpoints are this run's alone
     data = out / "training-data.native.jsonl"
     if not data.is_file() and write_training_snapshot(data, batches=batches) == 0:
         raise ValueError(f"batches {batches} hold no annotations")

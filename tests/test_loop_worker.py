@@ -227,7 +227,7 @@ def test_kill_9_in_the_middle_of_a_reward_model_and_a_ppo_run_then_a_new_worker_
                  "max_steps": 400, "epochs": 400, "checkpoint_every": 20}  # fmt: skip
     run = run_create(kind="reward_model", params={**rm_params, "name": "RM-killed"})
     first = workers.start()
-    _kill_when(Path(settings.ARTIFACTS_DIR) / "reward-models" / "RM-killed" / "train_state.pt", first, workers)
+    _kill_when(workers.artifacts / "runs" / f"{run.pk}-reward_model" / "train_state.pt", first, workers)
     assert TrainingRun.objects.get(pk=run.pk).status == RunStatus.RUNNING  # as the dead worker left it
     workers.start(beat=True)
     wait_for(lambda: TrainingRun.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED, 240, "the resumed run", workers)

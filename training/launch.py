@@ -141,12 +141,12 @@ def launch_stage(kind: str, config: Any, report: Report, *, world_size: int, dir
 def _read_progress(path: Path, seen: int, report: Report) -> int:
     if not path.is_file():
         return seen
-    lines = path.read_text().splitlines()
-    for line in lines[seen:]:
+    complete = path.read_text().split("\n")[:-1]  # the last piece may be a line rank 0 is still writing
+    for line in complete[seen:]:
         if line.strip():
             event = json.loads(line)
             report(event["fraction"], event["point"])
-    return len(lines)
+    return len(complete)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

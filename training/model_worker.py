@@ -93,31 +93,73 @@ def fit_context(tokenizer: Any, record: PromptRecord, prompt_format: str, room: 
         dialogue = dialogue[2:]
 
 
-def sample_variant(version: PolicyVersion, records: Sequence[PromptRecord], temperature: float,
-                   settings: ResponderSettings, seed: int,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[list[str | None], dict[str, Any]]:
-    """One answer a record from `version` at `temperature` (None where the context cannot fit); the settings."""
+def sample_variants(version: PolicyVersion, records: Sequence[PromptRecord], temperatures: Sequence[float],
+                    settings: ResponderSettings, seed: int, progress: Callable[[int, int], None] | None = None,
+                    ) -> list[tuple[list[str | None], dict[str, Any]]]:
+    """An answer a record from `version` at each of `temperatures` (None where the context cannot fit), with the
+    settings that drew them. Sampled temperatures share the batches (one decoding pass for a comparison's two
+    variants rather than one a variant: the per-step cost of a small model is mostly fixed)."""
     from training.sampling import SamplingSettings, sample_answers
 
     model, tokenizer = POLICIES.get(version)
     prompt_format = settings.prompt_format or version.metrics.get("prompt_format", "chat")
-    sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, temperature=temperature, top_p=settings.top_p,
-                                prompt_format=prompt_format, batch_size=settings.batch_size)  # fmt: skip
     room = model.args.max_seq_len - min(settings.max_new_tokens, model.args.max_seq_len // 2)
     fitted = [fit_context(tokenizer, r, prompt_format, room) for r in records]
     usable = [i for i, r in enumerate(fitted) if r is not None]
-    samples = sample_answers(model, tokenizer, [fitted[i] for i in usable], sampling, seed=seed, progress=progress)
-    out: list[str | None] = [None] * len(records)
-    for i, sample in zip(usable, samples, strict=True):
-        out[i] = sample.response.strip()
-    return out, {**sampling.as_dict(), "seed": seed, "policy": version.name}
+    together = len(temperatures) > 1 and all(t > 0 for t in temperatures)
+    groups = [list(temperatures)] if together else [[t] for t in temperatures]
+    out: list[tuple[list[str | None], dict[str, Any]]] = []
+    for group in groups:
+        sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, temperature=group[0], top_p=settings.top_p,
+                                    prompt_format=prompt_format, batch_size=settings.batch_size * len(group))  # fmt: skip
+        jobs = [(i, t) for t in group for i in usable]
+        samples = sample_answers(model, tokenizer, [fitted[i] for i, _ in jobs], sampling, seed=seed, progress=progress,
+                                 temperatures=[t for _, t in jobs] if together else None)  # fmt: skip
+        for t in group:
+            texts: list[str | None] = [None] * len(records)
+            for (i, t_job), sample in zip(jobs, samples, strict=True):
+                if t_job == t:
+                    texts[i] = sample.response.strip()
+            out.append((texts, {**sampling.as_dict(), "temperature": t, "seed": seed, "policy": version.name,
+                                "batch_size": sampling.batch_size}))  # fmt: skip
+    return out
+
+
+def sample_variant(version: PolicyVersion, records: Sequence[PromptRecord], temperature: float,
+                   settings: ResponderSettings, seed: int,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[list[str | None], dict[str, Any]]:
+    """One answer a record from `version` at `temperature` (None where the context cannot fit); the settings."""
+    return sample_variants(version, records, [temperature], settings, seed, progress)[0]
+
+
+SKIPPED_KEY = "model-worker:skipped"  # tasks the worker could not answer lately: the poll tries newer ones first
+SKIPPED_SECONDS = 600
 
 
 def waiting_tasks(task_ids: Sequence[int] | None = None, limit: int = 256) -> list[ComparisonTask]:
+    """Comparisons waiting for responses in open batches, oldest first: the ones given, or (the poll) all but those
+    of a batch a generation run is opening with its own policy and settings, and those it could not answer in the
+    last SKIPPED_SECONDS (they come last, so that they never hold back newer prompts)."""
+    from django.core.cache import cache
+
+    from annotation.models import RunKind, RunStatus, TrainingRun
+
     tasks = ComparisonTask.objects.filter(status=TaskStatus.AWAITING_RESPONSES, batch__status=BatchStatus.OPEN)
     if task_ids is not None:
-        tasks = tasks.filter(pk__in=list(task_ids))
-    return list(tasks.order_by("id")[:limit])
+        return list(tasks.filter(pk__in=list(task_ids)).order_by("id")[:limit])
+    reserved = [p.get("batch") for p in TrainingRun.objects.filter(
+        kind=RunKind.GENERATION, status__in=(RunStatus.QUEUED, RunStatus.RUNNING)).values_list("params", flat=True)]  # fmt: skip
+    tasks = tasks.exclude(batch__name__in=[b for b in reserved if b])
+    skipped = set(cache.get(SKIPPED_KEY) or ())
+    fresh = list(tasks.exclude(pk__in=skipped).order_by("id")[:limit])
+    return fresh + list(tasks.filter(pk__in=skipped).order_by("id")[:max(0, limit - len(fresh))])
+
+
+def remember_skipped(task_ids: Sequence[int]) -> None:
+    from django.core.cache import cache
+
+    if task_ids:
+        cache.set(SKIPPED_KEY, list({*(cache.get(SKIPPED_KEY) or ()), *task_ids})[-5000:], SKIPPED_SECONDS)
 
 
 def fill_awaiting(*, task_ids: Sequence[int] | None = None, policy: str | None = None, policy_b: str | None = None,
@@ -139,10 +181,14 @@ def fill_awaiting(*, task_ids: Sequence[int] | None = None, policy: str | None =
     version_b = PolicyVersion.objects.get(name=policy_b) if policy_b else version_a
     records = [PromptRecord(tuple(task_context(t)), domain=t.domain, source=f"task {t.pk}") for t in tasks]
     total = len(records) * 2
-    a_texts, a_sampling = sample_variant(version_a, records, settings.temperatures[0], settings, settings.seed,
-                                         _offset(progress, 0, total))  # fmt: skip
-    b_texts, b_sampling = sample_variant(version_b, records, settings.temperatures[1], settings, settings.seed + 1,
-                                         _offset(progress, len(records), total))  # fmt: skip
+    if version_b.pk == version_a.pk:  # one policy at two temperatures: both variants in the same batches
+        (a_texts, a_sampling), (b_texts, b_sampling) = sample_variants(
+            version_a, records, settings.temperatures, settings, settings.seed, progress)  # fmt: skip
+    else:
+        a_texts, a_sampling = sample_variant(version_a, records, settings.temperatures[0], settings, settings.seed,
+                                             _offset(progress, 0, total))  # fmt: skip
+        b_texts, b_sampling = sample_variant(version_b, records, settings.temperatures[1], settings,
+                                             settings.seed + 1, _offset(progress, len(records), total))  # fmt: skip
     for attempt in range(1, settings.retries + 1):  # B again where it wrote exactly A's text
         same = [i for i, (a, b) in enumerate(zip(a_texts, b_texts, strict=True)) if a is not None and a == b]
         if not same:
@@ -167,6 +213,7 @@ def fill_awaiting(*, task_ids: Sequence[int] | None = None, policy: str | None =
             filled += 1
         except AnnotationError:
             skipped.append(task.pk)  # filled by another worker meanwhile, or its batch closed
+    remember_skipped(skipped)
     return {"waiting": len(tasks), "filled": filled, "skipped": len(skipped), "skipped_tasks": skipped[:50],
             "policy": version_a.name, "policy_b": version_b.name}
 

@@ -12,7 +12,11 @@ resumes the one that was running from its checkpoints.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
+
+from django.conf import settings
+from django.utils import timezone
 
 from annotation.models import Batch, BatchStatus, PolicyVersion, RunKind, RunStatus, TrainingRun
 from annotation.services.batches import batch_close
@@ -33,13 +37,17 @@ class Round:
             checked = run_params_check(kind, params)
             stage = run_create(kind=kind, params={**checked, "stage": key}, parent=self.run, send=False, checked=True,
                                user=self.run.created_by)  # fmt: skip
-        if stage.status == RunStatus.RUNNING:  # its worker was this round's, which died: resume it here
-            TrainingRun.objects.filter(pk=stage.pk, status=RunStatus.RUNNING).update(status=RunStatus.QUEUED)
+        if stage.status == RunStatus.RUNNING:  # its worker was this round's, which died: resume it here (once its
+            stale = timezone.now() - timedelta(seconds=settings.RUN_STALE_SECONDS)  # heartbeat has stopped too)
+            TrainingRun.objects.filter(pk=stage.pk, status=RunStatus.RUNNING, heartbeat_at__lt=stale).update(
+                status=RunStatus.QUEUED)
         if stage.status != RunStatus.SUCCEEDED:
             self.execute_stage(stage.pk)
             stage.refresh_from_db()
         self.control.check()
-        if stage.status == RunStatus.CANCELLED:
+        if stage.status == RunStatus.CANCELLED:  # a stage cancelled on its own cancels its round
+            TrainingRun.objects.filter(pk=self.run.pk, status=RunStatus.RUNNING).update(
+                status=RunStatus.CANCELLED, error=f"stage {key} (run {stage.pk}) was cancelled")
             raise RunCancelled(f"stage {key} was cancelled")
         if stage.status != RunStatus.SUCCEEDED:
             raise ValueError(f"stage {key} (run {stage.pk}) {stage.status}: {stage.error}")

@@ -13,6 +13,8 @@ The durable-run contract (see annotation.services.runs for the other half):
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import socket
 import threading
@@ -28,6 +30,7 @@ from django.utils import timezone
 from annotation.models import RunStatus, TrainingRun
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+log = logging.getLogger(__name__)
 
 
 class RunCancelled(Exception):
@@ -96,8 +99,11 @@ class RunControl:
     def _beat(self) -> None:
         try:
             while not self._stop.wait(settings.RUN_HEARTBEAT_SECONDS):
-                close_old_connections()  # this thread's own connection: reopen it if the database dropped it
-                self.beat()
+                try:
+                    close_old_connections()  # this thread's own connection: reopen it if the database dropped it
+                    self.beat()
+                except Exception:  # a database restart: keep beating, or a live run would look dead
+                    log.warning("run %s: heartbeat failed; trying again", self.run_id, exc_info=True)
         finally:
             connection.close()  # this thread's own connection
 
@@ -124,7 +130,7 @@ class RunControl:
         reads whether the run is still this worker's (one indexed query a step), so a cancel stops it at the
         next step rather than at the next heartbeat."""
         if point is not None:
-            self.metrics.append(point)
+            self.metrics.append(_finite(point))
         now = time.monotonic()
         held = TrainingRun.objects.filter(pk=self.run_id, status=RunStatus.RUNNING, worker=WORKER_ID)
         if force or now - self._last_write >= self.report_every_s:
@@ -140,11 +146,23 @@ class RunControl:
         self.check()
 
 
-def run_succeeded(run_id: int, control: RunControl | None = None, **fields: Any) -> None:
+def _finite(value: Any) -> Any:
+    """JSON that PostgreSQL takes: a NaN or an infinity (a diverged loss) becomes None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def run_succeeded(run_id: int, control: RunControl | None = None, **fields: Any) -> bool:
+    """Mark the run succeeded if this worker still holds it (not cancelled, not taken over); whether it did."""
     values = {"status": RunStatus.SUCCEEDED, "progress": 1.0, "finished_at": timezone.now(), "error": "", **fields}
     if control is not None:
         values["metrics"] = control.metrics
-    TrainingRun.objects.filter(pk=run_id, status=RunStatus.RUNNING, worker=WORKER_ID).update(**values)
+    return bool(TrainingRun.objects.filter(pk=run_id, status=RunStatus.RUNNING, worker=WORKER_ID).update(**values))
 
 
 def run_failed(run_id: int, exc: BaseException) -> None:

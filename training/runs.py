@@ -68,7 +68,12 @@ def execute_run(run_id: int, task_id: str = "") -> str:
             log.exception("run %s failed", run.pk)
             run_failed(run.pk, exc)
             return "failed"
-        run_succeeded(run.pk, control, **fields)
+        except BaseException as exc:  # Ctrl-C of a command running it here: not for the reconciler to re-queue
+            run_failed(run.pk, RuntimeError(f"interrupted ({type(exc).__name__}) in the process that ran it"))
+            raise
+        if not run_succeeded(run.pk, control, **fields):
+            run_stopped_by_cancel(run.pk, control)  # cancelled during its last step: the row says cancelled
+            return "cancelled"
     return "succeeded"
 
 
@@ -136,8 +141,11 @@ def prompts_file(run: TrainingRun, out: Path, *, split: str = "train") -> str:
     return str(path)
 
 
-def register_output(run: TrainingRun, checkpoint: Path, report: dict[str, Any]) -> dict[str, Any]:
-    """The stage's policy as a new version, child of the run's policy (once, also when the run is re-executed)."""
+def register_output(run: TrainingRun, checkpoint: Path, report: dict[str, Any],
+                    control: RunControl) -> dict[str, Any]:
+    """The stage's policy as a new version, child of the run's policy (once, also when the run is re-executed);
+    not when the run was cancelled or taken over meanwhile."""
+    control.report(1.0, force=True)  # raises where the run is no longer this worker's
     parent = policy_version(run.params["policy"])
     name = run.params.get("name") or f"{parent.name}-{run.kind.replace('_', '-')}-r{run.pk}"
     metrics = {"run": run.pk, **{k: v for k, v in report.items() if k not in ("history", "config")}}
@@ -202,7 +210,7 @@ def run_sft(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     config = SFTConfig(init=inputs["policy"], tokenizer=inputs["tokenizer"], prompt_format=inputs["prompt_format"],
                        data=[data], format=fmt, split="train" if fmt == "native" else "all", out_dir=str(out),
                        fit_batch=True, **config_fields(run.params, SFTConfig))  # fmt: skip
-    return register_output(run, out / POLICY_DIR, _stage(run, control, "sft", config))
+    return register_output(run, out / POLICY_DIR, _stage(run, control, "sft", config), control)
 
 
 def run_rejection_sampling(run: TrainingRun, control: RunControl) -> dict[str, Any]:
@@ -218,7 +226,7 @@ def run_rejection_sampling(run: TrainingRun, control: RunControl) -> dict[str, A
     report = _stage(run, control, "rejection_sampling", config)
     if not report.get("policy_dir"):
         raise ValueError("rejection sampling kept no answer to fine-tune on")
-    return register_output(run, Path(report["policy_dir"]), report)
+    return register_output(run, Path(report["policy_dir"]), report, control)
 
 
 def run_distillation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
@@ -232,7 +240,7 @@ def run_distillation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     report = _stage(run, control, "distillation", config)
     if not report.get("policy_dir"):
         raise ValueError("context distillation kept no answer: the preprompt improved no safety score")
-    return register_output(run, Path(report["policy_dir"]), report)
+    return register_output(run, Path(report["policy_dir"]), report, control)
 
 
 def run_ppo(run: TrainingRun, control: RunControl) -> dict[str, Any]:
@@ -244,7 +252,7 @@ def run_ppo(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     config = PPOConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), reward_model=helpful,
                        safety_reward_model=safety, **config_fields(run.params, PPOConfig))  # fmt: skip
     result = _stage(run, control, "ppo", config)
-    return register_output(run, Path(result["policy_dir"]), result)
+    return register_output(run, Path(result["policy_dir"]), result, control)
 
 
 def run_evaluation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
@@ -265,6 +273,7 @@ def run_evaluation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     source = reward_source(reward_model=helpful, safety_reward_model=safety)
     report = evaluate_policy(config, source, progress=lambda done, total: control.report(done / max(total, 1)))
     evaluation = {**report, "baseline": baseline.name if baseline else None, "run": run.pk}
+    control.report(1.0, force=True)  # not cancelled meanwhile
     with transaction.atomic():
         version = PolicyVersion.objects.select_for_update().get(pk=version.pk)
         version.metrics = {**version.metrics, "evaluation": evaluation}

@@ -88,8 +88,12 @@ def sample_answers(
     samples_per_prompt: int = 1,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    temperatures: Sequence[float] | None = None,
 ) -> list[Sample]:
     """`samples_per_prompt` answers to every record, prompt-major (all of prompt 0's draws first).
+
+    `temperatures`, one a record (each > 0), replaces `settings.temperature` record by record: records sampled at
+    different temperatures share the batches.
 
     Sequences go to `generate` `settings.batch_size` at a time, the draws of one prompt side by side; batch b
     samples with seed `seed + b`, so the same seed, prompts and settings give the same answers. `progress(done,
@@ -102,12 +106,15 @@ def sample_answers(
         if len(ids) >= model.args.max_seq_len:
             raise ValueError(f"{record.source or 'a prompt'}: {len(ids)} tokens leave no room to answer within "
                              f"the model's {model.args.max_seq_len}")
+    if temperatures is not None and len(temperatures) != len(records):
+        raise ValueError(f"{len(temperatures)} temperatures for {len(records)} records")
     jobs = [(p, s) for p in range(len(records)) for s in range(samples_per_prompt)]
     out: list[Sample] = []
     for batch_index, start in enumerate(range(0, len(jobs), settings.batch_size)):
         batch = jobs[start:start + settings.batch_size]
+        temperature = settings.temperature if temperatures is None else [temperatures[p] for p, _ in batch]
         result = generate(model, [prompt_ids[p] for p, _ in batch], max_new_tokens=settings.max_new_tokens,
-                          temperature=settings.temperature, top_p=settings.top_p, eos_id=tokenizer.eos_id,
+                          temperature=temperature, top_p=settings.top_p, eos_id=tokenizer.eos_id,
                           seed=seed + batch_index, return_logprobs=False)
         assert result.finished is not None
         for (p, s), tokens, done in zip(batch, result.tokens, result.finished, strict=True):

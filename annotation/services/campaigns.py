@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from django.db import transaction
-from django.db.models import Count, Q
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from annotation.models import (
@@ -124,6 +124,7 @@ def campaign_create(*, name: str, kind: str, policy: str, baseline: str | None =
 def item_attach(*, item: EvaluationItem, response: str, baseline_response: str | None,
                 sampling: dict | None = None, baseline_sampling: dict | None = None) -> EvaluationItem:
     """The item's response(s) from the campaign's policies; the item opens. Call inside a transaction."""
+    item = EvaluationItem.objects.select_for_update().select_related("campaign").get(pk=item.pk)  # the status now
     campaign = item.campaign
     if item.status != ItemStatus.AWAITING_RESPONSES:
         raise Conflict(f"item {item.pk} is {item.status}; it is not waiting for responses")
@@ -169,18 +170,21 @@ def evaluation_claim_next(*, user, now=None) -> EvaluationAssignment | None:
     seen = EvaluationAssignment.objects.filter(rater=user).values("item_id")
     candidates = (EvaluationItem.objects.filter(status=ItemStatus.OPEN, campaign__status=CampaignStatus.OPEN)
                   .exclude(pk__in=seen).annotate(leased=Count("assignments", filter=Q(assignments__status="leased")))
-                  .order_by("campaign_id", "id").values_list("pk", "leased", "rating_count", "required_ratings")[:200])  # fmt: skip
-    for pk, leased, done, required in candidates:
-        if leased + done >= required:
-            continue
+                  .filter(rating_count__lt=F("required_ratings") - F("leased"))
+                  .order_by("campaign_id", "id").values_list("pk", flat=True)[:50])  # fmt: skip
+    for pk in candidates:
         item = EvaluationItem.objects.select_for_update(skip_locked=True).filter(pk=pk).select_related("campaign").first()
         if item is None:
             continue
         leased = item.assignments.filter(status="leased").count()
         if leased + item.rating_count >= item.required_ratings:
             continue
-        return EvaluationAssignment.objects.create(item=item, rater=user, leased_at=now,
-                                                   expires_at=now + timedelta(seconds=item.campaign.lease_seconds))  # fmt: skip
+        try:
+            with transaction.atomic():  # the same rater's second request at once: it gets the lease the first took
+                return EvaluationAssignment.objects.create(
+                    item=item, rater=user, leased_at=now, expires_at=now + timedelta(seconds=item.campaign.lease_seconds))
+        except IntegrityError:
+            return EvaluationAssignment.objects.filter(rater=user, status="leased").select_related("item__campaign").first()
     return None
 
 

@@ -158,7 +158,11 @@ def dialogue_open(prompt: dict, *, where: str, source: str) -> tuple[Dialogue, i
         raise InvalidInput(f"{where}: {exc.message}", field=exc.field) from None
     if not turns or turns[-1]["role"] != "user" or any(t["role"] != ("user", "assistant")[j % 2] for j, t in enumerate(turns)):
         raise InvalidInput(f"{where}: turns must alternate user/assistant and end with a user turn", field="dialogue")
-    text = check_text(turns[0]["content"], field="text", max_length=MAX_MESSAGE_CHARS).strip()
+    for j, turn in enumerate(turns):
+        check_text(turn["content"], field=f"{where}: turn {j + 1}", max_length=MAX_MESSAGE_CHARS)
+    text = turns[0]["content"].strip()
+    if not text:
+        raise InvalidInput(f"{where}: the first user turn is empty", field="dialogue")
     prompt_row = Prompt.objects.create(text=text, domain=domain, risk_category=risk, source=source)
     dialogue = Dialogue.objects.create(prompt=prompt_row)
     Turn.objects.bulk_create([Turn(dialogue=dialogue, position=j, role=t["role"], text=t["content"])

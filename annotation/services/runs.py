@@ -29,6 +29,7 @@ from annotation.models import (
     RunStatus,
     TrainingRun,
 )
+from annotation.validation import check_json_object
 
 from .errors import Conflict, InvalidInput, NotFound
 
@@ -129,9 +130,13 @@ def _check_value(name: str, spec: Param, value: Any) -> Any:
         return InvalidInput(f"params.{name}: {why}", field=f"params.{name}")
 
     if spec.kind in ("int", "float"):
-        if isinstance(value, bool) or not isinstance(value, int | float) or (spec.kind == "int" and not float(value).is_integer()):
-            raise bad(f"must be {'an integer' if spec.kind == 'int' else 'a number'}, got {value!r}")
-        value = int(value) if spec.kind == "int" else float(value)
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | float) or (
+                    spec.kind == "int" and not float(value).is_integer()):  # fmt: skip
+                raise bad(f"must be {'an integer' if spec.kind == 'int' else 'a number'}, got {value!r}"[:300])
+            value = int(value) if spec.kind == "int" else float(value)
+        except OverflowError:
+            raise bad(f"must be between {spec.low:g} and {spec.high:g}") from None
         if not (spec.low <= value <= spec.high):  # type: ignore[operator]
             raise bad(f"must be between {spec.low:g} and {spec.high:g}, got {value}")
         return value
@@ -227,6 +232,14 @@ def _fit_reward_model(params: dict[str, Any]) -> None:
 
 
 def _check_shape(kind: str, params: dict[str, Any]) -> None:
+    name = params.get("name")
+    if name is not None:
+        if not NAME_RE.match(name):
+            raise InvalidInput("params.name: letters, digits, '.', '_' and '-' only, at most 100", field="params.name")
+        if kind != RunKind.REWARD_MODEL and PolicyVersion.objects.filter(name=name).exists():
+            raise InvalidInput(f"params.name: a policy version named {name!r} exists", field="params.name")
+        if TrainingRun.objects.filter(kind=kind, params__name=name, status__in=(RunStatus.QUEUED, RunStatus.RUNNING)).exists():
+            raise InvalidInput(f"params.name: a {kind} run making {name!r} is queued or running", field="params.name")
     if kind == RunKind.REWARD_MODEL:
         _fit_reward_model(params)
     if kind in (RunKind.SFT, RunKind.REJECTION_SAMPLING, RunKind.PPO, RunKind.DISTILLATION, RunKind.EVALUATION):
@@ -252,20 +265,45 @@ def _check_shape(kind: str, params: dict[str, Any]) -> None:
                 raise InvalidInput("params.batch (the new batch's name) is required with params.prompts", field="params.batch")
             if Batch.objects.filter(name=params["batch"]).exists():
                 raise InvalidInput(f"params.batch: a batch named {params['batch']!r} exists", field="params.batch")
-    name = params.get("name")
-    if name is not None and kind != RunKind.REWARD_MODEL:
-        if not NAME_RE.match(name):
-            raise InvalidInput("params.name: letters, digits, '.', '_' and '-' only", field="params.name")
-        if PolicyVersion.objects.filter(name=name).exists():
-            raise InvalidInput(f"params.name: a policy version named {name!r} exists", field="params.name")
+    if kind == RunKind.ROUND:
+        _check_round_stages(params)
+    if kind == RunKind.GENERATION and "campaign" in params:
+        from annotation.models import Campaign
+
+        if not Campaign.objects.filter(name=params["campaign"]).exists():
+            raise InvalidInput(f"params.campaign: no campaign named {params['campaign']!r}", field="params.campaign")
+
+
+
+# What a round sets in its stages itself; a round's settings for a stage may give the rest of its parameters.
+_ROUND_STAGES = {"reward_model": RunKind.REWARD_MODEL, "rejection_sampling": RunKind.REJECTION_SAMPLING,
+                 "ppo": RunKind.PPO, "evaluation": RunKind.EVALUATION, "generation": RunKind.GENERATION}  # fmt: skip
+_ROUND_SETS = {"policy", "batches", "name", "kind", "baseline", "make_current", "pool", "reward_model",
+               "safety_reward_model", "pending", "campaign", "policy_b"}  # fmt: skip
+
+
+def _check_round_stages(params: dict[str, Any]) -> None:
+    """A round's settings for each stage, checked before it starts (it closes batches before its first stage)."""
+    for key, stage_kind in _ROUND_STAGES.items():
+        settings_ = params.get(key)
+        if settings_ is None:
+            continue
+        specs = RUN_PARAMS[stage_kind]
+        allowed = set(specs) - _ROUND_SETS
+        if unknown := sorted(set(settings_) - allowed):
+            raise InvalidInput(f"params.{key}: {unknown} cannot be set for the round's {key} stage; it takes "
+                               f"{sorted(allowed)}", field=f"params.{key}")  # fmt: skip
+        for name, value in settings_.items():
+            _check_value(f"{key}.{name}", specs[name], value)
+    if "generation" in params and not {"prompts", "batch"} <= set(params["generation"]):
+        raise InvalidInput("params.generation needs prompts and batch (the next batch)", field="params.generation")
 
 
 def run_params_check(kind: str, params: Any) -> dict[str, Any]:
     """The parameters of a run of `kind`, checked and completed (references resolved), or InvalidInput."""
     if kind not in RUN_PARAMS:
         raise InvalidInput(f"kind must be one of {list(RUN_PARAMS)}, got {kind!r}", field="kind")
-    if not isinstance(params, dict):
-        raise InvalidInput("params must be an object", field="params")
+    check_json_object(params, field="params")  # storable text at any depth, bounded size
     specs = RUN_PARAMS[kind]
     if unknown := sorted(set(params) - set(specs)):
         raise InvalidInput(f"params: unknown for a {kind} run: {unknown}; known: {sorted(specs)}", field="params")

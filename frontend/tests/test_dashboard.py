@@ -131,9 +131,13 @@ def test_a_researcher_starts_a_round_and_a_run_from_the_dashboard(researcher_cli
     refused = researcher_client.post("/dashboard/runs/start/", {"form": "run", "kind": "ppo", "params": '{"iterations": 0}'})
     assert refused.status_code == 400
     assert b"params.iterations: must be between 1" in refused.content
+    nan = researcher_client.post("/dashboard/runs/start/", {"form": "run", "kind": "round",
+                                                             "params": '{"ppo": {"iterations": NaN}}'})  # fmt: skip
+    assert nan.status_code == 400
+    assert b"NaN is not a JSON number" in nan.content
     not_json = researcher_client.post("/dashboard/runs/start/", {"form": "run", "kind": "ppo", "params": "{iterations"})
     assert not_json.status_code == 400
-    assert b"params is not JSON" in not_json.content
+    assert b"params is not valid JSON" in not_json.content
     assert TrainingRun.objects.count() == 1
 
 

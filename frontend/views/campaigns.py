@@ -15,6 +15,7 @@ from annotation.services.campaigns import (
     prompt_rows,
 )
 from annotation.services.errors import AnnotationError
+from annotation.validation import check_time_on_task_ms
 
 from .. import charts
 from ..access import DASHBOARD_ROLES, role_required
@@ -39,10 +40,9 @@ def rate_submit(request, item_id: int):
     except ValueError:
         messages.error(request, "choose a point on the scale (its number key) before submitting")
         return redirect("frontend:rate")
-    time_ms = request.POST.get("time_on_task_ms")
     try:
         evaluation_submit(user=request.user, item_id=item_id, score=score, note=request.POST.get("note", ""),
-                          time_on_task_ms=int(time_ms) if time_ms and time_ms.isdigit() else None)  # fmt: skip
+                          time_on_task_ms=check_time_on_task_ms(request.POST.get("time_on_task_ms")))  # fmt: skip
     except AnnotationError as error:
         messages.error(request, error.message)
     return redirect("frontend:rate")

@@ -60,7 +60,7 @@ def test_train_reward_model_command_registers_a_version(closed_batch, shared_dat
     assert run.reward_model_version == version
     assert 0.0 <= version.metrics["accuracy"] <= 1.0
     assert list(version.batches.values_list("name", flat=True)) == ["rm-week-1"]
-    assert (tmp_path / "reward-models" / "RM-helpful-v1" / "training-data.native.jsonl").is_file()
+    assert (tmp_path / "runs" / f"{run.pk}-reward_model" / "training-data.native.jsonl").is_file()
     with pytest.raises(CommandError, match="already exists"):
         call_command(
             "train_reward_model", kind="helpfulness", batch=["rm-week-1"], name="RM-helpful-v1", config="tiny",

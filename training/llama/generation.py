@@ -167,7 +167,7 @@ def sample_full(probs: torch.Tensor, generator: Generator | None = None) -> torc
 def sample_next_token(
     logits: torch.Tensor,
     *,
-    temperature: float,
+    temperature: float | torch.Tensor,
     top_p: float,
     top_k: int | None,
     generator: Generator | None = None,
@@ -177,8 +177,9 @@ def sample_next_token(
     The log-prob is under the temperature-scaled distribution over the full vocabulary (before top-k/top-p
     truncation), i.e. log softmax(logits / temperature); for greedy decoding (temperature 0) it is under
     softmax(logits). That is the policy PPO's ratio is computed against when it samples at that temperature.
+    `temperature` may be a (bsz, 1) tensor of positive temperatures, one a row.
     """
-    if temperature > 0:
+    if isinstance(temperature, torch.Tensor) or temperature > 0:
         scaled = logits / temperature
         truncated = top_k is not None and top_k < scaled.shape[-1]
         logprobs = torch.log_softmax(scaled, dim=-1) if truncated else None
@@ -201,7 +202,7 @@ def sample_next_token(
 
 
 def _validate(model: Transformer, prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int,
-              temperature: float, top_p: float, top_k: int | None) -> None:
+              temperature: float | Sequence[float], top_p: float, top_k: int | None) -> None:
     if not prompt_tokens:
         raise ValueError("prompt_tokens is empty: give at least one prompt")
     if any(len(p) == 0 for p in prompt_tokens):
@@ -214,8 +215,12 @@ def _validate(model: Transformer, prompt_tokens: Sequence[Sequence[int]], max_ne
     if max(len(p) for p in prompt_tokens) >= model.args.max_seq_len:
         raise ValueError(f"A prompt of {max(len(p) for p in prompt_tokens)} tokens leaves no room in "
                          f"max_seq_len {model.args.max_seq_len}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if isinstance(temperature, int | float):
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    elif len(temperature) != len(prompt_tokens) or not all(math.isfinite(t) and t > 0 for t in temperature):
+        raise ValueError("temperatures, one a prompt, must be finite and > 0 (greedy rows cannot share a batch "
+                         f"with sampled ones), got {list(temperature)[:8]}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
@@ -237,7 +242,7 @@ def generate(
     prompt_tokens: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    temperature: float = 0.6,
+    temperature: float | Sequence[float] = 0.6,
     top_p: float = 0.9,
     top_k: int | None = None,
     eos_id: int | None,
@@ -247,7 +252,8 @@ def generate(
 ) -> GenerationResult:
     """Sample up to `max_new_tokens` tokens after each prompt, all prompts in one batch.
 
-    Temperature 0 is greedy decoding. A sequence stops at `eos_id` (excluded from its tokens; None: never)
+    Temperature 0 is greedy decoding; a sequence of temperatures (all > 0) gives each prompt its own (what the
+    model worker uses to draw a comparison's two variants in one batch). A sequence stops at `eos_id` (excluded from its tokens; None: never)
     and, as in Meta's code, when it holds max_seq_len tokens with its prompt: a long prompt in the batch does
     not shorten the others' completions. `seed` makes the sampling reproducible (it uses
     its own torch.Generator, not the global one); `row_seeds`, one per prompt, gives each sequence a random
@@ -259,6 +265,8 @@ def generate(
     if row_seeds is not None and (seed is not None or len(row_seeds) != len(prompt_tokens)):
         raise ValueError("give seed or row_seeds (one per prompt), not both")
     device = model.tok_embeddings.weight.device
+    if not isinstance(temperature, int | float):
+        temperature = torch.tensor(list(temperature), dtype=torch.float32, device=device)[:, None]
     bsz = len(prompt_tokens)
     prompt_lens = [len(p) for p in prompt_tokens]
     max_prompt_len = max(prompt_lens)
