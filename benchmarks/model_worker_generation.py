@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/model_worker_generation.py [--threads 1] [--prompts 32] [--new-tokens 64]
         [--rounds 2] [--models stories260k random]
 
-What training.model_worker does for one batch of comparisons awaiting responses: N prompts, `sample_answers` once
-at temperature 0.6 and once at 1.0 (top-p 0.9, no top-k, plain prompt format), i.e. 2N responses decoded to text.
+What training.model_worker does for one batch of comparisons awaiting responses: N prompts, each answered at
+temperature 0.6 and at 1.0 (top-p 0.9, no top-k, plain prompt format), i.e. 2N responses decoded to text. The worker
+draws both variants in the same batches (`sample_answers` with a temperature a row, `generate` taking one a
+prompt); `--separate` times the earlier way, one `sample_answers` call a temperature.
 Theirs: `LlamaForCausalLM.generate(do_sample=True, temperature=t, top_p=0.9, top_k=0)` on the same prompts,
 left-padded with an attention mask, at the same two temperatures, answers cut at EOS and decoded with the same
 tokenizer. Float32, the same threads, the same max_new_tokens. Two models:
@@ -55,14 +57,20 @@ def child(opts: argparse.Namespace) -> None:
         model = load_policy(opts.checkpoint, device="cpu", dtype=torch.float32)
 
         def run(seed: int) -> int:
+            if not opts.separate:  # as model_worker.sample_variants: both temperatures in the same batches
+                settings = SamplingSettings(max_new_tokens=opts.new_tokens, temperature=temperatures[0],
+                                            top_p=opts.top_p, prompt_format="plain",
+                                            batch_size=opts.batch_size * len(temperatures))  # fmt: skip
+                samples = sample_answers(model, tokenizer, records * len(temperatures), settings, seed=seed,
+                                         temperatures=[t for t in temperatures for _ in records])  # fmt: skip
+                assert len(samples) == opts.prompts * len(temperatures)
+                return sum(len(s.response_ids) for s in samples)
             n_tokens = 0
-            for j, t in enumerate(temperatures):  # as model_worker.sample_variant, seeds seed and seed + 1
+            for j, t in enumerate(temperatures):  # one call a temperature, seeds seed and seed + 1
                 settings = SamplingSettings(max_new_tokens=opts.new_tokens, temperature=t, top_p=opts.top_p,
                                             prompt_format="plain", batch_size=opts.batch_size)
                 samples = sample_answers(model, tokenizer, records, settings, seed=seed + j)
                 assert len(samples) == opts.prompts
-                texts = [s.response.strip() for s in samples]
-                assert len(texts) == opts.prompts
                 n_tokens += sum(len(s.response_ids) for s in samples)
             return n_tokens
     else:
@@ -117,6 +125,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="the worker's ResponderSettings.batch_size")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--temperatures", type=float, nargs=2, default=[0.6, 1.0])
+    parser.add_argument("--separate", action="store_true", help="ours: one sample_answers call a temperature")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -140,6 +149,7 @@ def main() -> None:
     passthrough = [f"--{name}={getattr(opts, name.replace('-', '_'))}"
                    for name in ("prompts", "batch-size", "new-tokens", "top-p", "repeats", "warmup", "threads")]
     passthrough += ["--temperatures", *map(str, opts.temperatures), f"--tokenizer={tokenizer}"]
+    passthrough += ["--separate"] if opts.separate else []
     results: dict[str, dict] = {}
     params: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -314,6 +314,29 @@ def test_row_seeds_sample_a_sequence_alike_whatever_shares_its_batch(top_p):
         generate(model, prompts, seed=1, row_seeds=[1, 2, 3, 4], **kwargs)
 
 
+def test_a_temperature_a_row_samples_each_row_as_alone_at_its_temperature():
+    """The model worker draws a comparison's two variants (two temperatures) in one batch: each row as if sampled
+    alone at its own temperature; one temperature for every row is the scalar's draw; greedy rows refused."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                                  max_seq_len=64)).eval()
+    prompts = [[1, 5, 9], [1, 7], [1, 5, 9], [1, 7]]
+    temperatures = [0.6, 0.6, 1.3, 1.3]
+    kwargs = dict(max_new_tokens=12, top_p=0.9, eos_id=None)
+    together = generate(model, prompts, temperature=temperatures, row_seeds=[1, 2, 3, 4], **kwargs)
+    alone = [generate(model, [p], temperature=t, row_seeds=[s], **kwargs)
+             for p, t, s in zip(prompts, temperatures, [1, 2, 3, 4], strict=True)]  # fmt: skip
+    assert together.tokens == [a.tokens[0] for a in alone]
+    for row, a in zip(together.logprobs, alone, strict=True):
+        assert row == pytest.approx(a.logprobs[0], abs=1e-5)
+    same = generate(model, prompts, temperature=[0.8] * 4, seed=5, **kwargs).tokens
+    assert same == generate(model, prompts, temperature=0.8, seed=5, **kwargs).tokens
+    with pytest.raises(ValueError, match="temperatures, one a prompt"):
+        generate(model, prompts, temperature=[0.0, 1.0, 1.0, 1.0], seed=1, **kwargs)
+    with pytest.raises(ValueError, match="temperatures, one a prompt"):
+        generate(model, prompts, temperature=[1.0, 1.0], seed=1, **kwargs)
+
+
 def test_generation_says_which_sequences_ended_with_eos():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=16, multiple_of=16,
