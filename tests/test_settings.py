@@ -77,9 +77,14 @@ print(json.dumps({path: client.get(path, secure=True).status_code for path in ("
 """
 
 
-def test_schema_and_its_ui_need_a_sign_in_under_production_settings():
+def test_schema_and_its_ui_need_a_sign_in_under_production_settings(tmp_path):
     base = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG", "ALLOWED_HOSTS")}
-    base.update(DJANGO_SETTINGS_MODULE="config.settings.production", SECRET_KEY=GOOD_KEY, ALLOWED_HOSTS="testserver")
+    base.update(DJANGO_SETTINGS_MODULE="config.settings.production", SECRET_KEY=GOOD_KEY, ALLOWED_HOSTS="testserver",
+                STATIC_ROOT=str(tmp_path / "static"))  # fmt: skip
+    # As deployed: static files collected (the refusal page, 403.html, is a page of the site with its styles).
+    collected = subprocess.run([sys.executable, "manage.py", "collectstatic", "--no-input", "-v0"], cwd=ROOT, env=base,
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert collected.returncode == 0, collected.stderr
     result = subprocess.run(
         [sys.executable, "-c", PRODUCTION_CLIENT], cwd=ROOT, env=base, capture_output=True, text=True, timeout=120
     )
