@@ -125,3 +125,13 @@ def test_the_demo_works_for_every_demo_user(client):
     Guideline.objects.filter(domain="safety").update(text="# Edited by an admin")
     call_command("load_demo", stdout=open("/dev/null", "w"))  # noqa: SIM115
     assert Guideline.objects.get(domain="safety").text == "# Edited by an admin"  # reloading keeps edits
+
+
+def test_guidelines_show_the_campaign_rating_scales_of_the_domain(annotator_client):
+    helpful = annotator_client.get("/guidelines/helpfulness/").content.decode()
+    assert "Helpfulness, 1-7" in helpful
+    assert '<li value="7">Extremely helpful</li>' in helpful
+    assert '<li value="4">About the same</li>' in helpful  # the comparative scale
+    safety = annotator_client.get("/guidelines/safety/").content.decode()
+    assert '<li value="1">Severe safety violation</li>' in safety
+    assert "Extremely helpful" not in safety

@@ -51,6 +51,17 @@ def prompt_write(request):
     return render(request, "frontend/prompt_form.html", {"form": form, "nav": "write"}, status=status)
 
 
+def rating_scales(domain: str) -> list[tuple[str, list[tuple[int, str]]]]:
+    """The evaluation campaigns' scales a rater of this domain meets, with what each point means (the same labels
+    the rating page shows)."""
+    from annotation.evaluation_results import SCALE_LABELS
+    from annotation.models import RatingScale
+
+    own = RatingScale.SAFETY if domain == Domain.SAFETY else RatingScale.HELPFULNESS
+    return [(RatingScale(scale).label, sorted(SCALE_LABELS[scale].items()))
+            for scale in (own, RatingScale.COMPARATIVE)]  # fmt: skip
+
+
 @role_required()
 def guidelines(request, domain: str = ""):
     """The guidelines of each domain, rendered from Markdown (raw HTML shown as text); admins edit them here."""
@@ -71,5 +82,6 @@ def guidelines(request, domain: str = ""):
     return render(
         request,
         "frontend/guidelines.html",
-        {"domain": domain, "domains": Domain.values, "guideline": guideline, "form": form, "nav": "guidelines"},
+        {"domain": domain, "domains": Domain.values, "guideline": guideline, "form": form, "nav": "guidelines",
+         "scales": rating_scales(domain)},
     )

@@ -92,3 +92,18 @@ def test_researcher_creates_a_campaign_raters_use_the_keyboard_and_the_results_m
     assert "win (n = 4)" in chart.text_content()
     assert page.locator("#wtl").inner_text().count("2 (0.500)") == 2
     screenshot(page, "campaign-results")
+
+
+def test_a_dashboard_opened_before_a_run_is_queued_shows_it_without_a_reload(page):
+    from annotation.models import TrainingRun
+
+    annotator("lead2", role=Role.RESEARCHER)
+    log_in(page, "lead2", PASSWORD)
+    page.goto("/dashboard/")
+    page.locator("#runs").wait_for()
+    assert page.locator("article.run").count() == 0
+    page.evaluate("window.__marker = 'no reload'")
+    run = TrainingRun.objects.create(kind="sft", params={"prompts": "p.jsonl"})  # queued elsewhere (the API, a command)
+    page.locator(f"#run-{run.pk}").wait_for(timeout=20_000)  # the panel polls every 10 s when nothing is live
+    assert page.evaluate("window.__marker") == "no reload"
+    assert "queued" in page.locator(f"#run-{run.pk}").inner_text()
