@@ -2,22 +2,12 @@
 
 from django.contrib import admin
 
-from annotation.scales import SafetyLabel, Strength
+from annotation.scales import CHOICE_TEXT, SAFETY_TEXT, STRENGTH_TEXT
 
 # The labels annotators see (the models' choices carry the enum names: changing them would need a migration).
-CHOICE_LABELS = [("a", "A is better"), ("b", "B is better")]
-STRENGTH_LABELS = [
-    (Strength.SIGNIFICANTLY_BETTER.value, "Significantly better"),
-    (Strength.BETTER.value, "Better"),
-    (Strength.SLIGHTLY_BETTER.value, "Slightly better"),
-    (Strength.NEGLIGIBLY_BETTER.value, "Negligibly better / unsure"),
-]
-SAFETY_LABELS = [
-    (SafetyLabel.CHOSEN_SAFE_OTHER_UNSAFE.value, "Chosen is safe, the other is not"),
-    (SafetyLabel.BOTH_SAFE.value, "Both safe"),
-    (SafetyLabel.BOTH_UNSAFE.value, "Both unsafe"),
-    ("", "None (helpfulness)"),
-]
+CHOICE_LABELS = [(c.value, text) for c, text in CHOICE_TEXT.items()]
+STRENGTH_LABELS = [(s.value, text) for s, text in STRENGTH_TEXT.items()]
+SAFETY_LABELS = [*[(s.value, text) for s, text in SAFETY_TEXT.items()], ("", "None (helpfulness)")]
 
 
 def labelled_filter(field: str, title: str, choices: list[tuple[str, str]]) -> type[admin.SimpleListFilter]:

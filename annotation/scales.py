@@ -28,6 +28,20 @@ class SafetyLabel(StrEnum):
     BOTH_UNSAFE = "both_unsafe"
 
 
+# The words annotators see for each point, everywhere (the annotation page, the admin, the dashboard, forms).
+CHOICE_TEXT: dict[Choice, str] = {Choice.A: "A is better", Choice.B: "B is better"}
+STRENGTH_TEXT: dict[Strength, str] = {
+    Strength.SIGNIFICANTLY_BETTER: "Significantly better",
+    Strength.BETTER: "Better",
+    Strength.SLIGHTLY_BETTER: "Slightly better",
+    Strength.NEGLIGIBLY_BETTER: "Negligibly better / unsure",
+}
+SAFETY_TEXT: dict[SafetyLabel, str] = {
+    SafetyLabel.CHOSEN_SAFE_OTHER_UNSAFE: "Chosen is safe, the other is not",
+    SafetyLabel.BOTH_SAFE: "Both safe",
+    SafetyLabel.BOTH_UNSAFE: "Both unsafe",
+}
+
 # Table 27: margin m(r) per strength, for the "small" and "large" settings; "none" is all zero.
 MARGINS: dict[str, dict[Strength, float]] = {
     "none": {s: 0.0 for s in Strength},

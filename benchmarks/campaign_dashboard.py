@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.dashboard_load import median_ms  # noqa: E402
 from benchmarks.platform_env import ROOT, fresh_database, percentile  # noqa: E402
 
 RISKS = ["illicit_criminal", "hateful_harmful", "unqualified_advice"]
@@ -85,15 +86,6 @@ def populate(n_ratings: int, *, name: str, overlap: int = 3, rated: bool = True)
                              score=1 + (lease.item_id * 7 + k) % 7, time_on_task_ms=30000)
             for k, lease in enumerate(leases)])  # fmt: skip
     return campaign
-
-
-def median_ms(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return round(statistics.median(times), 1)
 
 
 def main() -> None:

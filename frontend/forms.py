@@ -5,24 +5,14 @@ from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.forms import AuthenticationForm
 
 from annotation.models import RiskCategory
-from annotation.scales import SafetyLabel, Strength
+from annotation.scales import SAFETY_TEXT, STRENGTH_TEXT
 from annotation.services.errors import InvalidInput
 from annotation.throttling import login_attempt_begin, login_attempt_succeeded
 from annotation.validation import MAX_MESSAGE_CHARS, check_text, parse_json
 
 DOMAINS = [("helpfulness", "Helpfulness"), ("safety", "Safety")]
-STRENGTHS = [
-    (Strength.SIGNIFICANTLY_BETTER.value, "Significantly better"),
-    (Strength.BETTER.value, "Better"),
-    (Strength.SLIGHTLY_BETTER.value, "Slightly better"),
-    (Strength.NEGLIGIBLY_BETTER.value, "Negligibly better / unsure"),
-]
-SAFETY = [
-    ("", "— (helpfulness task)"),
-    (SafetyLabel.CHOSEN_SAFE_OTHER_UNSAFE.value, "Chosen is safe, the other is not"),
-    (SafetyLabel.BOTH_SAFE.value, "Both safe"),
-    (SafetyLabel.BOTH_UNSAFE.value, "Both unsafe"),
-]
+STRENGTHS = [(s.value, text) for s, text in STRENGTH_TEXT.items()]
+SAFETY = [("", "— (helpfulness task)"), *[(s.value, text) for s, text in SAFETY_TEXT.items()]]
 
 
 class CheckedTextField(forms.CharField):

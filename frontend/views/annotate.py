@@ -23,7 +23,7 @@ from annotation.models import (
     ComparisonTask,
     TaskStatus,
 )
-from annotation.scales import SafetyLabel, Strength
+from annotation.scales import SAFETY_TEXT, STRENGTH_TEXT, SafetyLabel, Strength
 from annotation.selectors import task_context
 from annotation.services.assignment import (
     annotation_submit,
@@ -46,17 +46,8 @@ from annotation.validation import (
 from ..access import role_required
 
 # Keyboard map shown on the page and used by annotate.js (one source of truth).
-STRENGTH_KEYS = [
-    ("a", Strength.SIGNIFICANTLY_BETTER, "Significantly better"),
-    ("s", Strength.BETTER, "Better"),
-    ("d", Strength.SLIGHTLY_BETTER, "Slightly better"),
-    ("f", Strength.NEGLIGIBLY_BETTER, "Negligibly better / unsure"),
-]
-SAFETY_KEYS = [
-    ("j", SafetyLabel.CHOSEN_SAFE_OTHER_UNSAFE, "Chosen is safe, the other is not"),
-    ("k", SafetyLabel.BOTH_SAFE, "Both safe"),
-    ("l", SafetyLabel.BOTH_UNSAFE, "Both unsafe"),
-]
+STRENGTH_KEYS = [(key, s, STRENGTH_TEXT[s]) for key, s in zip("asdf", Strength, strict=True)]
+SAFETY_KEYS = [(key, s, SAFETY_TEXT[s]) for key, s in zip("jkl", SafetyLabel, strict=True)]
 
 
 def _midnight():

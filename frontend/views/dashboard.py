@@ -5,7 +5,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from annotation.models import Batch, PolicyVersion, RewardModelVersion, RunStatus, TrainingRun
-from annotation.scales import Strength
+from annotation.scales import STRENGTH_TEXT
 from annotation.selectors import annotator_quality, batch_stats_cached
 from annotation.services.errors import AnnotationError
 from annotation.services.runs import run_cancel as run_cancel_service
@@ -15,12 +15,7 @@ from .. import charts
 from ..access import DASHBOARD_ROLES, role_required
 from ..forms import RoundStartForm, RunStartForm
 
-STRENGTH_LABELS = {
-    Strength.SIGNIFICANTLY_BETTER: "Significantly better",
-    Strength.BETTER: "Better",
-    Strength.SLIGHTLY_BETTER: "Slightly better",
-    Strength.NEGLIGIBLY_BETTER: "Negligibly better / unsure",
-}
+STRENGTH_LABELS = STRENGTH_TEXT
 LIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
 
 
