@@ -120,3 +120,15 @@ def test_every_task_is_routed_to_its_queue_by_celerys_own_router():
         route = app.amqp.router.route({}, name)
         expected = "gpu" if name.split(".")[0] in ("rewards", "training") else "default"
         assert route["queue"].name == expected, name
+
+
+def test_the_model_worker_can_have_a_queue_of_its_own():
+    """MODEL_WORKER_QUEUE sends the fill (and only it) elsewhere, so written prompts need not wait for training."""
+    code = ("from config.celery import app; app.loader.import_default_modules(); r = app.amqp.router.route; "
+            "print(r({}, 'training.fill_responses')['queue'].name, r({}, 'training.execute_run')['queue'].name, "
+            "r({}, 'annotation.reconcile_runs')['queue'].name)")  # fmt: skip
+    env = {**os.environ, "MODEL_WORKER_QUEUE": "generation", "DJANGO_SETTINGS_MODULE": "config.settings"}
+    out = subprocess.run([sys.executable, "-c", "import django; django.setup(); " + code], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["generation", "gpu", "default"]

@@ -186,7 +186,12 @@ CELERY_RESULT_BACKEND = env.str(
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # Heavy work (reward models, policies, sampling) goes to GPU workers.
 # By task name (tasks are named "<app>.<verb>", not by module): GPU work on the `gpu` queue, the rest on `default`.
-CELERY_TASK_ROUTES = {"training.*": {"queue": "gpu"}, "rewards.*": {"queue": "gpu"}}
+# The model worker's fill (training.fill_responses) may have a queue of its own (MODEL_WORKER_QUEUE, e.g.
+# "generation", served by a worker that holds the current policy): on `gpu`, written prompts wait while a long run
+# trains on the single-concurrency GPU worker.
+MODEL_WORKER_QUEUE = env.str("MODEL_WORKER_QUEUE", default="gpu")
+CELERY_TASK_ROUTES = {"training.fill_responses": {"queue": MODEL_WORKER_QUEUE},  # an exact name wins over patterns
+                      "training.*": {"queue": "gpu"}, "rewards.*": {"queue": "gpu"}}  # fmt: skip
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
