@@ -14,7 +14,7 @@ from django.db import transaction
 from annotation.models import PolicyKind, PolicyVersion
 
 from .errors import Conflict, InvalidInput, NotFound
-from .runs import NAME_RE, fill_responses_requested
+from .runs import NAME_RE, check_input_path, fill_responses_requested
 
 PROMPT_FORMATS = ("chat", "plain")
 
@@ -54,6 +54,9 @@ def policy_register(*, name: str, checkpoint: str, tokenizer: str | None = None,
         raise InvalidInput(f"kind must be one of {PolicyKind.values}", field="kind")
     if prompt_format not in PROMPT_FORMATS:
         raise InvalidInput(f"prompt_format must be one of {list(PROMPT_FORMATS)}", field="prompt_format")
+    check_input_path(checkpoint, "checkpoint_uri")
+    if tokenizer:
+        check_input_path(tokenizer, "tokenizer_uri")
     path = Path(checkpoint).resolve()
     if not path.is_dir():
         raise InvalidInput(f"checkpoint {checkpoint} is not a directory", field="checkpoint_uri")

@@ -163,6 +163,31 @@ def _check_value(name: str, spec: Param, value: Any) -> Any:
     return value.strip()
 
 
+PATH_PARAMS = ("prompts", "tokenizer", "init")  # "init" may also name a policy version
+
+
+def check_input_path(path: str, field: str) -> None:
+    """Refuse a server path outside RUN_INPUT_ROOTS (and ARTIFACTS_DIR) when roots are configured."""
+    if not settings.RUN_INPUT_ROOTS:
+        return
+    from pathlib import Path
+
+    resolved = Path(path).resolve()
+    roots = [Path(r).resolve() for r in (*settings.RUN_INPUT_ROOTS, settings.ARTIFACTS_DIR)]
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        raise InvalidInput(f"{field}: {path} is outside the folders runs may read (RUN_INPUT_ROOTS)", field=field)
+
+
+def _check_paths(params: dict[str, Any], prefix: str = "params") -> None:
+    for name in PATH_PARAMS:
+        value = params.get(name)
+        if isinstance(value, str) and not (name == "init" and PolicyVersion.objects.filter(name=value).exists()):
+            check_input_path(value, f"{prefix}.{name}")
+    for key in ("reward_model", "rejection_sampling", "ppo", "evaluation", "generation"):
+        if isinstance(params.get(key), dict):
+            _check_paths(params[key], f"{prefix}.{key}")
+
+
 def _resolve_refs(kind: str, params: dict[str, Any]) -> None:
     """Names must exist; a missing policy or reward model means the current policy or the newest model."""
     specs = RUN_PARAMS[kind]
@@ -309,6 +334,7 @@ def run_params_check(kind: str, params: Any) -> dict[str, Any]:
         raise InvalidInput(f"params: unknown for a {kind} run: {unknown}; known: {sorted(specs)}", field="params")
     checked = {name: _check_value(name, specs[name], value) for name, value in params.items() if value is not None}
     _resolve_refs(kind, checked)
+    _check_paths(checked)
     _check_shape(kind, checked)
     return checked
 

@@ -212,6 +212,9 @@ RUN_STALE_SECONDS = env.float("RUN_STALE_SECONDS", default=90.0)
 RUN_RESEND_SECONDS = env.float("RUN_RESEND_SECONDS", default=600.0)
 RUN_RECONCILE_SECONDS = env.float("RUN_RECONCILE_SECONDS", default=30.0)
 RUN_MIN_PAIRS = env.int("RUN_MIN_PAIRS", default=8)
+# Server paths a researcher may hand to runs and registrations (prompts files, checkpoints, tokenizers): with roots
+# set, only files under them (and under ARTIFACTS_DIR); empty (the embedded default), any path the processes read.
+RUN_INPUT_ROOTS = env.list("RUN_INPUT_ROOTS", default=[])
 # The model worker: comparisons awaiting responses are filled on demand (a message after each new prompt or
 # continuation, expiring when a busy worker cannot get to it) and by beat every MODEL_WORKER_POLL_SECONDS.
 MODEL_WORKER_ON_DEMAND = env.bool("MODEL_WORKER_ON_DEMAND", default=True)

@@ -412,3 +412,26 @@ def test_a_version_made_by_a_stage_is_evaluated_against_its_parent_by_a_queued_r
     assert version.metrics["evaluation"]["baseline"] == "stories"
     assert 0 <= version.metrics["evaluation"]["win_rate"] <= 1
     assert not version.is_current  # evaluated, not promoted: that is a round's (or a researcher's) decision
+
+
+def test_with_input_roots_set_runs_and_registrations_read_only_under_them(stories, settings, tmp_path, tiny_policy_hf,
+                                                                          stories_tokenizer):
+    settings.RUN_INPUT_ROOTS = [str(tmp_path / "data")]
+    (tmp_path / "data").mkdir()
+    inside, outside = tmp_path / "data" / "p.jsonl", tmp_path / "p.jsonl"
+    api = _api()
+    refused = api.post("/api/v1/training-runs/", {"kind": "sft", "params": {"prompts": str(outside)}}, format="json")
+    assert refused.status_code == 400
+    assert "outside the folders runs may read" in refused.json()["detail"]
+    sneaky = api.post("/api/v1/training-runs/", {"kind": "sft", "params": {"prompts": f"{tmp_path}/data/../p.jsonl"}},
+                      format="json")  # fmt: skip
+    assert sneaky.status_code == 400
+    round_ = api.post("/api/v1/training-runs/", {"kind": "round", "params": {
+        "batches": [BatchFactory(name="wk").name], "generation": {"prompts": str(outside), "batch": "next"}}}, format="json")  # fmt: skip
+    assert round_.status_code == 400
+    assert api.post("/api/v1/training-runs/", {"kind": "sft", "params": {"prompts": str(inside)}},
+                    format="json").status_code == 201  # fmt: skip
+    assert api.post("/api/v1/training-runs/", {"kind": "sft", "params": {"prompts": str(tmp_path / "artifacts" / "x")}},
+                    format="json").status_code == 201  # ARTIFACTS_DIR is always readable  # fmt: skip
+    with pytest.raises(CommandError, match="outside the folders"):
+        call_command("register_policy", name="hf", checkpoint=str(tiny_policy_hf), tokenizer=str(stories_tokenizer))
