@@ -9,7 +9,9 @@ message for the same run harmless.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -125,42 +127,60 @@ RUN_PARAMS: dict[str, dict[str, Param]] = {
 }
 
 
-def _check_value(name: str, spec: Param, value: Any) -> Any:
-    def bad(why: str) -> InvalidInput:
-        return InvalidInput(f"params.{name}: {why}", field=f"params.{name}")
+def _number(spec: Param, value: Any) -> int | float:
+    what = "an integer" if spec.kind == "int" else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be {what}, got {value!r}"[:300])
+    try:
+        if spec.kind == "int" and not float(value).is_integer():
+            raise ValueError(f"must be {what}, got {value!r}"[:300])
+        number = int(value) if spec.kind == "int" else float(value)
+    except OverflowError:
+        number = math.inf
+    if not (spec.low <= number <= spec.high):  # type: ignore[operator]
+        raise ValueError(f"must be between {spec.low:g} and {spec.high:g}" + (f", got {number}" if math.isfinite(number) else ""))
+    return number
 
-    if spec.kind in ("int", "float"):
-        try:
-            if isinstance(value, bool) or not isinstance(value, int | float) or (
-                    spec.kind == "int" and not float(value).is_integer()):  # fmt: skip
-                raise bad(f"must be {'an integer' if spec.kind == 'int' else 'a number'}, got {value!r}"[:300])
-            value = int(value) if spec.kind == "int" else float(value)
-        except OverflowError:
-            raise bad(f"must be between {spec.low:g} and {spec.high:g}") from None
-        if not (spec.low <= value <= spec.high):  # type: ignore[operator]
-            raise bad(f"must be between {spec.low:g} and {spec.high:g}, got {value}")
+
+def _two_numbers(spec: Param, value: Any) -> list[float]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError("must be a list of two numbers")
+    return [_number(Param("float", spec.low, spec.high), v) for v in value]
+
+
+def _of_type(kind: type, what: str) -> Any:
+    def check(spec: Param, value: Any) -> Any:
+        if not isinstance(value, kind):
+            raise ValueError(f"must be {what}, got {value!r}"[:300])
         return value
-    if spec.kind == "floats":
-        if not isinstance(value, list) or len(value) != 2:
-            raise bad("must be a list of two numbers")
-        return [_check_value(name, Param("float", spec.low, spec.high), v) for v in value]
-    if spec.kind == "bool":
-        if not isinstance(value, bool):
-            raise bad(f"must be true or false, got {value!r}")
-        return value
-    if spec.kind == "dict":
-        if not isinstance(value, dict):
-            raise bad("must be an object")
-        return value
-    if spec.kind == "names":
-        if not isinstance(value, list) or not value or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
-            raise bad("must be a non-empty list of names")
-        return value
+    return check
+
+
+def _names(spec: Param, value: Any) -> list:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+        raise ValueError("must be a non-empty list of names")
+    return value
+
+
+def _text(spec: Param, value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > 500:
-        raise bad(f"must be a non-empty string of at most 500 characters, got {value!r}")
+        raise ValueError(f"must be a non-empty string of at most 500 characters, got {value!r}"[:300])
     if spec.kind == "choice" and value not in spec.choices:
-        raise bad(f"must be one of {list(spec.choices)}, got {value!r}")
+        raise ValueError(f"must be one of {list(spec.choices)}, got {value!r}")
     return value.strip()
+
+
+# How each kind of Param is checked and normalised (a ValueError says what is wrong).
+_CHECKS = {"int": _number, "float": _number, "floats": _two_numbers, "bool": _of_type(bool, "true or false"),
+           "dict": _of_type(dict, "an object"), "names": _names, "str": _text, "choice": _text, "ref": _text}  # fmt: skip
+
+
+def _check_value(name: str, spec: Param, value: Any) -> Any:
+    """The value, checked and normalised as its spec says, or InvalidInput naming params.<name>."""
+    try:
+        return _CHECKS[spec.kind](spec, value)
+    except ValueError as exc:
+        raise InvalidInput(f"params.{name}: {exc}", field=f"params.{name}") from None
 
 
 PATH_PARAMS = ("prompts", "tokenizer", "init")  # "init" may also name a policy version
@@ -256,48 +276,50 @@ def _fit_reward_model(params: dict[str, Any]) -> None:
         params["adjusted"] = f"global_batch_size {batch} -> {fitted}: the batches hold {pairs} training pairs"
 
 
-def _check_shape(kind: str, params: dict[str, Any]) -> None:
+def _check_name(kind: str, params: dict[str, Any]) -> None:
     name = params.get("name")
-    if name is not None:
-        if not NAME_RE.match(name):
-            raise InvalidInput("params.name: letters, digits, '.', '_' and '-' only, at most 100", field="params.name")
-        if kind != RunKind.REWARD_MODEL and PolicyVersion.objects.filter(name=name).exists():
-            raise InvalidInput(f"params.name: a policy version named {name!r} exists", field="params.name")
-        if TrainingRun.objects.filter(kind=kind, params__name=name, status__in=(RunStatus.QUEUED, RunStatus.RUNNING)).exists():
-            raise InvalidInput(f"params.name: a {kind} run making {name!r} is queued or running", field="params.name")
-    if kind == RunKind.REWARD_MODEL:
-        _fit_reward_model(params)
-    if kind in (RunKind.SFT, RunKind.REJECTION_SAMPLING, RunKind.PPO, RunKind.DISTILLATION, RunKind.EVALUATION):
-        if "prompts" in params and "batches" in params:
-            raise InvalidInput("give params.prompts or params.batches, not both", field="params.prompts")
-        if "prompts" not in params and "batches" not in params:
-            closed = list(Batch.objects.filter(status="closed").values_list("name", flat=True))
-            if not closed:
-                raise InvalidInput("no prompts: give params.prompts or params.batches (no batch is closed yet)",
-                                   field="params.batches")  # fmt: skip
-            params["batches"] = closed
-    if kind == RunKind.PPO:
-        batch, mini = params.get("batch_size", 512), params.get("minibatch_size", 64)
-        if batch % mini:
-            raise InvalidInput(f"params.batch_size {batch} is not a multiple of params.minibatch_size {mini}",
-                               field="params.minibatch_size")  # fmt: skip
-    if kind == RunKind.GENERATION:
-        if bool(params.get("pending")) + ("prompts" in params) + ("campaign" in params) != 1:
-            raise InvalidInput("give params.pending true, params.prompts and params.batch, or params.campaign",
-                               field="params.prompts")  # fmt: skip
-        if "prompts" in params:
-            if "batch" not in params:
-                raise InvalidInput("params.batch (the new batch's name) is required with params.prompts", field="params.batch")
-            if Batch.objects.filter(name=params["batch"]).exists():
-                raise InvalidInput(f"params.batch: a batch named {params['batch']!r} exists", field="params.batch")
-    if kind == RunKind.ROUND:
-        _check_round_stages(params)
-    if kind == RunKind.GENERATION and "campaign" in params:
-        from annotation.models import Campaign
+    if name is None:
+        return
+    if not NAME_RE.match(name):
+        raise InvalidInput("params.name: letters, digits, '.', '_' and '-' only, at most 100", field="params.name")
+    if kind != RunKind.REWARD_MODEL and PolicyVersion.objects.filter(name=name).exists():
+        raise InvalidInput(f"params.name: a policy version named {name!r} exists", field="params.name")
+    if TrainingRun.objects.filter(kind=kind, params__name=name, status__in=(RunStatus.QUEUED, RunStatus.RUNNING)).exists():
+        raise InvalidInput(f"params.name: a {kind} run making {name!r} is queued or running", field="params.name")
 
-        if not Campaign.objects.filter(name=params["campaign"]).exists():
-            raise InvalidInput(f"params.campaign: no campaign named {params['campaign']!r}", field="params.campaign")
 
+def _default_prompts(params: dict[str, Any]) -> None:
+    """A stage reads a prompts file or the batches' prompts; neither named: every closed batch."""
+    if "prompts" in params and "batches" in params:
+        raise InvalidInput("give params.prompts or params.batches, not both", field="params.prompts")
+    if "prompts" not in params and "batches" not in params:
+        closed = list(Batch.objects.filter(status="closed").values_list("name", flat=True))
+        if not closed:
+            raise InvalidInput("no prompts: give params.prompts or params.batches (no batch is closed yet)",
+                               field="params.batches")  # fmt: skip
+        params["batches"] = closed
+
+
+def _check_ppo_batch(params: dict[str, Any]) -> None:
+    batch, mini = params.get("batch_size", 512), params.get("minibatch_size", 64)
+    if batch % mini:
+        raise InvalidInput(f"params.batch_size {batch} is not a multiple of params.minibatch_size {mini}",
+                           field="params.minibatch_size")  # fmt: skip
+
+
+def _check_generation(params: dict[str, Any]) -> None:
+    """Exactly one of: the waiting comparisons, a prompts file opening a new batch, a campaign's items."""
+    from annotation.models import Campaign
+
+    if bool(params.get("pending")) + ("prompts" in params) + ("campaign" in params) != 1:
+        raise InvalidInput("give params.pending true, params.prompts and params.batch, or params.campaign",
+                           field="params.prompts")  # fmt: skip
+    if "prompts" in params and "batch" not in params:
+        raise InvalidInput("params.batch (the new batch's name) is required with params.prompts", field="params.batch")
+    if "prompts" in params and Batch.objects.filter(name=params["batch"]).exists():
+        raise InvalidInput(f"params.batch: a batch named {params['batch']!r} exists", field="params.batch")
+    if "campaign" in params and not Campaign.objects.filter(name=params["campaign"]).exists():
+        raise InvalidInput(f"params.campaign: no campaign named {params['campaign']!r}", field="params.campaign")
 
 
 # What a round sets in its stages itself; a round's settings for a stage may give the rest of its parameters.
@@ -322,6 +344,25 @@ def _check_round_stages(params: dict[str, Any]) -> None:
             _check_value(f"{key}.{name}", specs[name], value)
     if "generation" in params and not {"prompts", "batch"} <= set(params["generation"]):
         raise InvalidInput("params.generation needs prompts and batch (the next batch)", field="params.generation")
+
+
+# What each kind's parameters must fit besides their own specs (the data, the rows they name, each other).
+_SHAPE_CHECKS: dict[str, tuple[Callable[[dict[str, Any]], None], ...]] = {
+    RunKind.REWARD_MODEL: (_fit_reward_model,),
+    RunKind.SFT: (_default_prompts,),
+    RunKind.REJECTION_SAMPLING: (_default_prompts,),
+    RunKind.PPO: (_default_prompts, _check_ppo_batch),
+    RunKind.DISTILLATION: (_default_prompts,),
+    RunKind.EVALUATION: (_default_prompts,),
+    RunKind.GENERATION: (_check_generation,),
+    RunKind.ROUND: (_check_round_stages,),
+}
+
+
+def _check_shape(kind: str, params: dict[str, Any]) -> None:
+    _check_name(kind, params)
+    for check in _SHAPE_CHECKS.get(kind, ()):
+        check(params)
 
 
 def run_params_check(kind: str, params: Any) -> dict[str, Any]:
