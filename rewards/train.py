@@ -11,10 +11,9 @@ several in turn, for `rewards.ensemble` and `rewards.soup`; this module chooses 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -36,7 +35,7 @@ from rewards.trainer import (  # noqa: F401  (the names reward-model users impor
     tie_rare_embeddings,
     train_single_reward_model,
 )
-from training.engine import cosine_schedule, run_main, warmup_steps_for  # noqa: F401
+from training.engine import cosine_schedule, run_command, run_main, warmup_steps_for, without_history  # noqa: F401
 
 
 def train_reward_model(
@@ -111,43 +110,38 @@ def config_from_args(args: argparse.Namespace) -> RewardTrainConfig:
     return RewardTrainConfig(**values)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    bar, bar_part = None, 0
-    is_main = int(os.environ.get("RANK", "0")) == 0
+class _RewardBar:
+    """The command's tqdm bar: one for each ensemble member or soup ingredient, with accuracy beside the loss."""
 
-    def on_progress(p: TrainProgress) -> None:
-        nonlocal bar, bar_part
-        if args.quiet:
-            return
-        if bar is None or p.part != bar_part:  # a bar for each ensemble member or soup ingredient
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._part = 0
+
+    def __call__(self, p: TrainProgress) -> None:
+        if self._bar is None or p.part != self._part:
             from tqdm import tqdm
 
-            if bar is not None:
-                bar.close()
+            self.close()
             desc = f"part {p.part + 1}/{p.parts}" if p.parts > 1 else None
-            bar, bar_part = tqdm(total=p.total_steps, initial=p.step - 1, unit="step", desc=desc, file=sys.stderr), p.part
+            self._bar = tqdm(total=p.total_steps, initial=p.step - 1, unit="step", desc=desc, file=sys.stderr)
+            self._part = p.part
         postfix = {"loss": f"{p.loss:.3f}", "acc": f"{p.accuracy:.2f}", "lr": f"{p.learning_rate:.1e}"}
         if p.validation_accuracy is not None:
             postfix["val"] = f"{p.validation_accuracy:.3f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
 
-    try:
-        result = train_reward_model(config, progress=on_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    if is_main:
-        summary = result.to_dict()
-        summary.pop("history")
-        print(json.dumps(summary, indent=2))
-    return 0
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    return run_command(lambda bar: train_reward_model(config, progress=bar), bar=None if args.quiet else _RewardBar(),
+                       device=args.device, summary=without_history)
 
 if __name__ == "__main__":
     run_main(main)

@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +46,14 @@ from typing import Any
 import torch
 
 from rewards.tokenizer_training import train_tokenizer
-from training.engine import StepProgress, cli_progress_bar, run_main, seed_everything
+from training.engine import (
+    StepProgress,
+    cli_progress_bar,
+    run_command,
+    run_main,
+    seed_everything,
+    without_history,
+)
 from training.llama.checkpoint import load_checkpoint, save_hf_checkpoint, save_meta_checkpoint
 from training.llama.model import ModelArgs, Transformer
 from training.llama.packing import PackedBatch
@@ -499,20 +505,8 @@ def config_from_args(args: argparse.Namespace) -> BootstrapConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bar = None if args.quiet else cli_progress_bar("bootstrap")
-    try:
-        result = bootstrap_policy(config_from_args(args), progress=bar)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    summary = result.to_dict()
-    summary.pop("history")
-    print(json.dumps(summary, indent=2))
-    return 0
-
+    return run_command(lambda bar: bootstrap_policy(config_from_args(args), progress=bar), device=args.device,
+                       bar=None if args.quiet else cli_progress_bar("bootstrap"), summary=without_history)
 
 if __name__ == "__main__":
     run_main(main)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -291,6 +292,28 @@ class cli_progress_bar:  # noqa: N801  (used like a function: bar = cli_progress
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def run_command(work: Callable[[Any], Any], *, bar: Any, device: str | None,
+                summary: Callable[[Any], Mapping[str, Any]]) -> int:
+    """A trainer command's body: `work(bar)` with its progress bar (None: --quiet), closed however it ends; exit 2
+    with the message on a ValueError or a missing file; else `summary(result)` printed as JSON on rank 0, 0."""
+    try:
+        result = work(bar)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    if setup_distributed(device).is_main:
+        print(json.dumps(summary(result), indent=2))
+    return 0
+
+
+def without_history(result: Any) -> dict[str, Any]:
+    """A trainer result's dict without its per-step history (what commands print)."""
+    return {k: v for k, v in result.to_dict().items() if k != "history"}
 
 
 # ------------------------------------------------------------------------------------------------ engine

@@ -40,10 +40,12 @@ from training.engine import (
     OptimizerSettings,
     StepProgress,
     cli_progress_bar,
+    run_command,
     run_main,
     seed_everything,
     setup_distributed,
     split_for_rank,
+    without_history,
 )
 from training.llama.checkpoint import detect_format, load_checkpoint, save_hf_checkpoint, save_meta_checkpoint
 from training.llama.model import Transformer
@@ -436,21 +438,8 @@ def config_from_args(args: argparse.Namespace) -> SFTConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bar = None if args.quiet else cli_progress_bar("sft")
-    try:
-        result = train_sft(config_from_args(args), progress=bar)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    if setup_distributed(args.device).is_main:
-        summary = result.to_dict()
-        summary.pop("history")
-        print(json.dumps(summary, indent=2))
-    return 0
-
+    return run_command(lambda bar: train_sft(config_from_args(args), progress=bar), device=args.device,
+                       bar=None if args.quiet else cli_progress_bar("sft"), summary=without_history)
 
 if __name__ == "__main__":
     run_main(main)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from training.engine import Distributed, StepProgress, setup_distributed
+from training.engine import Distributed, StepProgress, run_command, setup_distributed
 from training.prompts import PROMPT_FORMATS
 from training.sft import POLICY_DIR, SFTConfig, train_sft
 
@@ -48,7 +48,6 @@ class cli_stage_bar:  # noqa: N801  (used like a function: bar = cli_stage_bar("
         self._bar: Any = None
 
     def __call__(self, p: StageProgress) -> None:
-        import sys
 
         from tqdm import tqdm
 
@@ -279,15 +278,5 @@ def stage_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, n
     """A stage command: parse, run with a progress bar (unless --quiet), print the report on rank 0; 2 on a
     ValueError or a missing file, with its message."""
     args = parser.parse_args(argv)
-    bar = None if args.quiet else cli_stage_bar(name)
-    try:
-        report = run(args, bar)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
-    if setup_distributed(args.device).is_main:
-        print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
-    return 0
+    return run_command(lambda bar: run(args, bar), bar=None if args.quiet else cli_stage_bar(name), device=args.device,
+                       summary=lambda report: {k: v for k, v in report.items() if k != "config"})
