@@ -29,3 +29,15 @@ def shared_data() -> Path:
 def stories_tokenizer(shared_data: Path) -> Path:
     """stories260K's 512-piece SentencePiece tokenizer (the tiny models' vocabulary in the torch tests)."""
     return shared_data / "stories260k" / "tokenizer.model"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: tiny models gain nothing from more, and the CI machine's two cores are
+    shared (with worker processes, in the end-to-end tests)."""
+    import torch  # here, not at the top: the web tests never load torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

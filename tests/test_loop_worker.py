@@ -36,7 +36,7 @@ from annotation.services.runs import run_create, runs_reconcile
 from annotation.tests.factories import BatchFactory, annotator
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def database_url() -> str:
@@ -90,14 +90,6 @@ def workers(tmp_path, settings):
     w = Workers(tmp_path)
     yield w
     w.stop()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def wait_for(predicate, timeout: float, what: str, workers: Workers | None = None):

@@ -14,12 +14,8 @@ from training.llama.model import ModelArgs, Transformer
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from more threads, and the CI machine's two cores are shared.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """Every torch test here on one thread (the root conftest's one_torch_thread)."""
 
 
 @pytest.fixture(scope="session")
