@@ -83,3 +83,16 @@ def test_a_prompts_upload_queues_the_model_worker_for_a_new_batch(researcher_cli
 def test_annotators_get_no_cockpit(annotator_client):
     assert annotator_client.get("/dashboard/work/").status_code == 403
     assert annotator_client.post("/dashboard/batches/1/close/").status_code == 403
+
+
+def test_the_campaigns_page_lists_each_campaigns_items_by_state(researcher_client):
+    from annotation.services.campaigns import campaign_create
+
+    PolicyFactory(name="V2")
+    campaign_create(name="imported", kind="rating", policy="V2", overlap=1, prompts=[
+        {"dialogue": [{"role": "user", "content": f"q{i}"}], "response": f"a{i}"} for i in range(2)])  # fmt: skip
+    campaign_create(name="sampled", kind="rating", policy="V2", overlap=1,
+                    prompts=[{"dialogue": [{"role": "user", "content": "q"}]}])  # fmt: skip
+    page = researcher_client.get("/dashboard/campaigns/").content.decode()
+    assert "<td>0 / 2</td>" in page
+    assert "<td>0 / 1 (1 awaiting responses)</td>" in page
