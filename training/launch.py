@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import importlib
 import json
 import os
 import signal
@@ -32,11 +31,11 @@ from typing import Any
 Report = Callable[[float | None, dict[str, Any] | None], None]
 
 
-def _sft_progress(p: Any) -> tuple[float, dict[str, Any] | None]:
+def _sft_progress(p: Any, config: Any) -> tuple[float, dict[str, Any] | None]:
     return p.fraction, {"step": p.step, "loss": round(p.loss, 5)}
 
 
-def _stage_progress(p: Any) -> tuple[float, dict[str, Any] | None]:
+def _stage_progress(p: Any, config: Any) -> tuple[float, dict[str, Any] | None]:
     """Sample-then-fine-tune stages: sampling and scoring take the first half of the bar, SFT the second."""
     part = p.done / max(p.total, 1)
     if p.stage == "sft":
@@ -45,12 +44,12 @@ def _stage_progress(p: Any) -> tuple[float, dict[str, Any] | None]:
     return (0.5 * part if p.stage == "sampling" else 0.5), None
 
 
-def _ppo_progress(record: dict[str, Any], iterations: int) -> tuple[float, dict[str, Any] | None]:
+def _ppo_progress(record: dict[str, Any], config: Any) -> tuple[float, dict[str, Any] | None]:
     keys = ("iteration", "reward_mean", "kl", "entropy", "clip_fraction", "value_loss", "response_length")
-    return record["iteration"] / iterations, {k: record[k] for k in keys if k in record}
+    return record["iteration"] / config.iterations, {k: record[k] for k in keys if k in record}
 
 
-def _reward_progress(p: Any) -> tuple[float, dict[str, Any] | None]:
+def _reward_progress(p: Any, config: Any) -> tuple[float, dict[str, Any] | None]:
     point = {"step": p.step, "loss": round(p.loss, 5), "accuracy": round(p.accuracy, 4),
              "validation_accuracy": p.validation_accuracy}  # fmt: skip
     if p.parts > 1:
@@ -58,34 +57,58 @@ def _reward_progress(p: Any) -> tuple[float, dict[str, Any] | None]:
     return p.fraction, point
 
 
+# Each stage's config class and function, imported when a stage runs (torch and the trainers load in workers only).
+def _sft() -> tuple[type, Callable[..., Any]]:
+    from training.sft import SFTConfig, train_sft
+
+    return SFTConfig, train_sft
+
+
+def _rejection_sampling() -> tuple[type, Callable[..., Any]]:
+    from training.rejection_sampling import RejectionSamplingConfig, run_rejection_sampling
+
+    return RejectionSamplingConfig, run_rejection_sampling
+
+
+def _distillation() -> tuple[type, Callable[..., Any]]:
+    from training.distill import DistillConfig, run_distillation
+
+    return DistillConfig, run_distillation
+
+
+def _ppo() -> tuple[type, Callable[..., Any]]:
+    from training.ppo import PPOConfig, train_ppo
+
+    return PPOConfig, train_ppo
+
+
+def _reward_model() -> tuple[type, Callable[..., Any]]:
+    from rewards.train import RewardTrainConfig, train_reward_model
+
+    return RewardTrainConfig, train_reward_model
+
+
 @dataclass(frozen=True)
 class Stage:
-    config: str  # module:Class
-    function: str  # module:function
-
-    def load(self) -> tuple[type, Callable[..., Any]]:
-        (cm, cn), (fm, fn) = self.config.split(":"), self.function.split(":")
-        return getattr(importlib.import_module(cm), cn), getattr(importlib.import_module(fm), fn)
+    load: Callable[[], tuple[type, Callable[..., Any]]]
+    progress: Callable[[Any, Any], tuple[float, dict[str, Any] | None]]  # (its progress object, config) -> report
+    callback: str = "progress"  # the keyword the function takes its callback by
 
 
 STAGES = {
-    "sft": Stage("training.sft:SFTConfig", "training.sft:train_sft"),
-    "rejection_sampling": Stage("training.rejection_sampling:RejectionSamplingConfig",
-                                "training.rejection_sampling:run_rejection_sampling"),
-    "distillation": Stage("training.distill:DistillConfig", "training.distill:run_distillation"),
-    "ppo": Stage("training.ppo:PPOConfig", "training.ppo:train_ppo"),
-    "reward_model": Stage("rewards.train:RewardTrainConfig", "rewards.train:train_reward_model"),
-}  # fmt: skip
+    "sft": Stage(_sft, _sft_progress),
+    "rejection_sampling": Stage(_rejection_sampling, _stage_progress),
+    "distillation": Stage(_distillation, _stage_progress),
+    "ppo": Stage(_ppo, _ppo_progress, callback="on_iteration"),
+    "reward_model": Stage(_reward_model, _reward_progress),
+}
 
 
 def call_stage(kind: str, config: Any, report: Report) -> dict[str, Any]:
     """Run the stage in this process, telling `report(fraction, point)` as it goes; its result as a dict."""
-    _, function = STAGES[kind].load()
-    if kind == "ppo":
-        result = function(config, on_iteration=lambda r: report(*_ppo_progress(r, config.iterations)))
-    else:
-        adapter = {"sft": _sft_progress, "reward_model": _reward_progress}.get(kind, _stage_progress)
-        result = function(config, progress=lambda p: report(*adapter(p)))
+    stage = STAGES[kind]
+    _, function = stage.load()
+    result = function(config, **{stage.callback: lambda p: report(*stage.progress(p, config))})
     return result if isinstance(result, dict) else dataclasses.asdict(result)
 
 
