@@ -9,7 +9,7 @@ from pathlib import Path
 from django.db import transaction
 
 from annotation.models import Batch, PolicyVersion, RewardModelVersion, TrainingRun
-from training.run_control import RunControl, run_dir
+from training.run_control import RunControl, config_fields, run_dir
 
 DEFAULT_CHECKPOINT_EVERY = 10  # steps: a run re-queued after its worker died loses at most this many
 
@@ -35,11 +35,8 @@ def reward_run_train(run: TrainingRun, control: RunControl) -> dict:
     from rewards.train import RewardTrainConfig
     from training.launch import run_stage
 
-    params = dict(run.params)
-    world_size = params.get("world_size", 1)
-    kind, batches, name = params.pop("kind"), params.pop("batches"), params.pop("name")
-    for platform_key in ("adjusted", "world_size", "stage"):  # the platform's, not the trainer's
-        params.pop(platform_key, None)
+    kind, batches, name = run.params["kind"], run.params["batches"], run.params["name"]
+    params = config_fields(run.params, RewardTrainConfig)
     init = params.get("init")
     if init is not None:
         policy = PolicyVersion.objects.filter(name=init).first()
@@ -52,8 +49,9 @@ def reward_run_train(run: TrainingRun, control: RunControl) -> dict:
     data = out / "training-data.native.jsonl"
     if not data.is_file() and write_training_snapshot(data, batches=batches) == 0:
         raise ValueError(f"batches {batches} hold no annotations")
-    config = RewardTrainConfig(kind=kind, data=[str(data)], format="native", out_dir=str(out), **params)
-    result = run_stage("reward_model", config, control.report, world_size=world_size, directory=out / "launch")
+    config = RewardTrainConfig(**{**params, "data": [str(data)], "format": "native", "out_dir": str(out)})
+    result = run_stage("reward_model", config, control.report, world_size=run.params.get("world_size", 1),
+                       directory=out / "launch")
     with transaction.atomic():
         version, _ = RewardModelVersion.objects.get_or_create(
             name=name,

@@ -13,6 +13,7 @@ The durable-run contract (see annotation.services.runs for the other half):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -64,6 +65,17 @@ def _seconds(s: float) -> Any:
     from datetime import timedelta
 
     return timedelta(seconds=s)
+
+
+# Parameters that name rows or say where data come from; the rest are the stage config's own fields.
+PLATFORM_KEYS = {"policy", "policy_b", "prompts", "batches", "name", "world_size", "reward_model",
+                  "safety_reward_model", "pool", "baseline", "make_current", "pending", "batch", "overlap",
+                  "test_size", "temperatures", "adjusted", "stage", "campaign"}  # fmt: skip
+
+def config_fields(params: dict[str, Any], config_class: type) -> dict[str, Any]:
+    """The params that are fields of the stage's config dataclass."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in params.items() if k in names and k not in PLATFORM_KEYS}
 
 
 def run_dir(run: TrainingRun) -> Path:

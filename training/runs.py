@@ -9,7 +9,6 @@ its stages through the same function.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from training.run_control import (
     RunCancelled,
     RunControl,
     RunTakenOver,
+    config_fields,
     run_claim,
     run_dir,
     run_failed,
@@ -42,10 +42,6 @@ from training.run_control import (
 
 log = logging.getLogger(__name__)
 
-# Parameters that name rows or say where data come from; the rest are the stage config's own fields.
-_PLATFORM_KEYS = {"policy", "policy_b", "prompts", "batches", "name", "world_size", "reward_model",
-                  "safety_reward_model", "pool", "baseline", "make_current", "pending", "batch", "overlap",
-                  "test_size", "temperatures", "adjusted", "stage", "campaign"}  # fmt: skip
 POLICY_KINDS = {RunKind.SFT: PolicyKind.SFT, RunKind.REJECTION_SAMPLING: PolicyKind.REJECTION_SAMPLING,
                 RunKind.PPO: PolicyKind.PPO, RunKind.DISTILLATION: PolicyKind.DISTILLATION}  # fmt: skip
 
@@ -75,12 +71,6 @@ def execute_run(run_id: int, task_id: str = "") -> str:
             run_stopped_by_cancel(run.pk, control)  # cancelled during its last step: the row says cancelled
             return "cancelled"
     return "succeeded"
-
-
-def config_fields(params: dict[str, Any], config_class: type) -> dict[str, Any]:
-    """The params that are fields of the stage's config dataclass."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    return {k: v for k, v in params.items() if k in names and k not in _PLATFORM_KEYS}
 
 
 def policy_version(name: str) -> PolicyVersion:

@@ -32,8 +32,8 @@ from annotation.services.runs import REWARD_BATCH_DEFAULTS, RUN_PARAMS, run_canc
 from annotation.tests.factories import BatchFactory, annotator
 from training import run_control
 from training.model_worker import ResponderSettings, fill_awaiting
-from training.run_control import run_claim
-from training.runs import _PLATFORM_KEYS, execute_run
+from training.run_control import PLATFORM_KEYS, run_claim
+from training.runs import execute_run
 
 pytestmark = pytest.mark.django_db
 
@@ -78,7 +78,7 @@ def test_every_run_parameter_is_a_field_of_its_stages_config_or_a_platform_refer
                "ppo": PPOConfig, "distillation": DistillConfig, "evaluation": EvaluateConfig}  # fmt: skip
     for kind, config in configs.items():
         fields = {f.name for f in dataclasses.fields(config)}
-        stray = set(RUN_PARAMS[kind]) - fields - _PLATFORM_KEYS
+        stray = set(RUN_PARAMS[kind]) - fields - PLATFORM_KEYS
         assert not stray, f"{kind}: {stray} are neither {config.__name__} fields nor platform keys"
 
 
