@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ class RunTakenOver(Exception):
 
 def run_claim(run_id: int, task_id: str = "") -> TrainingRun | None:
     """The run, marked running by this worker, if it is queued or its holder's heartbeat stopped; else None."""
-    stale = timezone.now() - _seconds(settings.RUN_STALE_SECONDS)
+    stale = timezone.now() - timedelta(seconds=settings.RUN_STALE_SECONDS)
     with transaction.atomic():
         run = TrainingRun.objects.select_for_update().filter(pk=run_id).first()
         if run is None:
@@ -59,12 +60,6 @@ def run_claim(run_id: int, task_id: str = "") -> TrainingRun | None:
         run.celery_task_id = task_id or run.celery_task_id
         run.save(update_fields=["status", "heartbeat_at", "worker", "started_at", "attempts", "celery_task_id"])
         return run
-
-
-def _seconds(s: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=s)
 
 
 # Parameters that name rows or say where data come from; the rest are the stage config's own fields.

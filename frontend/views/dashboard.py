@@ -240,7 +240,13 @@ def _batch_names() -> list[str]:
 
 
 @role_required(*DASHBOARD_ROLES)
-def dashboard(request, run_form: RunStartForm | None = None, round_form: RoundStartForm | None = None, status=200):
+def dashboard(request):
+    return dashboard_page(request)
+
+
+def dashboard_page(request, run_form: RunStartForm | None = None, round_form: RoundStartForm | None = None,
+                   status: int = 200):
+    """The dashboard, with the start forms as given (bound, with their errors) or empty."""
     runs = run_rows()
     return render(
         request,
@@ -277,7 +283,7 @@ def run_start(request):
             messages.success(request, f"Run {run.pk} ({kind}) queued; a worker on the gpu queue takes it.")
             return redirect("frontend:dashboard")
     forms_ = {"round_form": form} if is_round else {"run_form": form}
-    return dashboard.__wrapped__(request, status=400, **forms_)
+    return dashboard_page(request, status=400, **forms_)
 
 
 @role_required(*DASHBOARD_ROLES)
