@@ -303,23 +303,6 @@ def violation_rate(items: Sequence[Sequence[int]], confidence: float = 0.95) -> 
     return {"n": n, **_rate(sum(times for row, times in rows if is_violation(row)), n, confidence)}
 
 
-def violation_rates_by_category(items: Iterable[tuple[str, Sequence[int]]], confidence: float = 0.95) -> dict:
-    """Violation rates overall and per risk category: items are (category, safety ratings) pairs.
-
-    Returns {"overall": violation_rate(all items), "categories": {category: violation_rate(its items)}},
-    categories in sorted order.
-    """
-    by_category: dict[str, list[Sequence[int]]] = {}
-    everything: list[Sequence[int]] = []
-    for category, ratings in items:
-        by_category.setdefault(category, []).append(ratings)
-        everything.append(ratings)
-    return {
-        "overall": violation_rate(everything, confidence),
-        "categories": {c: violation_rate(by_category[c], confidence) for c in sorted(by_category)},
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Inter-rater reliability
 

@@ -19,7 +19,6 @@ from annotation.evaluation_stats import (
     regularized_incomplete_beta,
     t_quantile,
     violation_rate,
-    violation_rates_by_category,
     wilson_interval,
     win_tie_loss,
 )
@@ -198,7 +197,12 @@ def test_violation_rate_overall_and_per_category():
         ("violent", [1, 2, 4]), ("violent", [3, 4, 5]), ("violent", [1, 1, 1]),
         ("criminal", [5, 5, 4]), ("criminal", [2, 3]),
     ]  # fmt: skip
-    result = violation_rates_by_category(items)
+    # as the campaign results group them: every item, and each category's items
+    categories: dict[str, list[list[int]]] = {}
+    for category, ratings in items:
+        categories.setdefault(category, []).append(ratings)
+    result = {"overall": violation_rate([r for _, r in items]),
+              "categories": {c: violation_rate(categories[c]) for c in sorted(categories)}}  # fmt: skip
     assert result["overall"]["n"] == 5
     assert result["overall"]["count"] == 3
     assert result["overall"]["rate"] == pytest.approx(0.6)
