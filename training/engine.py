@@ -356,6 +356,7 @@ class Engine:
         self.step = 0
         self._elapsed_before = 0.0
         self._start = time.monotonic() if started_at is None else started_at  # the budget's clock
+        self._last_save = time.monotonic()
         self.module: nn.Module = model
         if dist.world_size > 1 and not self.sharded:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -370,6 +371,19 @@ class Engine:
     def out_of_time(self) -> bool:
         """Whether the wall-clock budget is spent (rank 0's clock; pass it through `decide`)."""
         return self.max_minutes is not None and self.dist.is_main and self.elapsed() >= 60 * self.max_minutes
+
+    def checkpoint_due(self, done: int, *, every: int, minutes: float | None) -> bool:
+        """Whether to checkpoint after `done` steps (or iterations): on every `every`-th (0: never by count), or
+        once `minutes` have passed since the last checkpoint (rank 0's clock; every process gets its answer).
+
+        A checkpoint holds the optimizer's moments beside the weights, 16 bytes a trained parameter: written every
+        iteration it can cost more than the iteration (2.4 s against 2.4 s for two 24M-parameter models on a CPU;
+        hundreds of GB for a 7B policy and value model), hence a schedule by time.
+        """
+        due = bool(every) and done % every == 0
+        if not due and minutes is not None:
+            due = bool(self.dist.broadcast_int(int(time.monotonic() - self._last_save >= 60 * minutes)))
+        return due
 
     def decide(self, reason: str | None, reasons: Sequence[str]) -> str | None:
         """Rank 0's stop reason (None or one of `reasons`) on every process: all leave the loop at the same step."""
@@ -419,6 +433,7 @@ class Engine:
         beside them (rank 0 only)."""
         if self.state_path is None:
             return
+        self._last_save = time.monotonic()
         model_state, optimizer_state = self._full_states()  # every process takes part when sharded
         if not self.dist.is_main:
             return

@@ -20,8 +20,8 @@ RLHF with PPO"):
 The value model is its own transformer with a scalar head, initialised from the (helpfulness, else safety)
 reward model, or from the policy with a zero head when the reward is a function or the reward model reads another
 vocabulary. Early stopping on held-out prompts keeps the best policy. Writes DIR/policy (the layout of --policy),
-DIR/ppo_report.json, and DIR/train_state.pt after every iteration (`--checkpoint-every`; a stopped run goes on
-from there).
+DIR/ppo_report.json, and DIR/train_state.pt every 10 minutes (`--checkpoint-minutes`; or every N iterations,
+`--checkpoint-every`; a stopped run goes on from there).
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class PPOConfig:
     eval_every: int = 10  # iterations between evaluations on the held-out prompts (0: never)
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping
     max_minutes: float | None = None
-    checkpoint_every: int = 1  # iterations between checkpoints (0: only when the run stops early)
+    checkpoint_every: int = 0  # iterations between checkpoints (0: by time only)
+    checkpoint_minutes: float | None = 10.0  # also checkpoint once this long has passed since the last (None: not)
     stop_after_iterations: int | None = None  # stop (checkpointed) here, the plan unchanged
     resume: bool = True
     seed: int = 0
@@ -127,6 +128,8 @@ class PPOConfig:
             raise ValueError(f"rollout_batch_size must be positive, got {self.rollout_batch_size}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 or more, got {self.checkpoint_every}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be positive (or None), got {self.checkpoint_minutes}")
         if not 0 < self.temperature:
             raise ValueError(f"temperature must be positive for PPO rollouts, got {self.temperature}")
         if not 0 <= self.eval_fraction < 1:
@@ -602,7 +605,8 @@ def train_ppo(config: PPOConfig, *, source: RewardSource | None = None,
         if reason is not None:
             stopped = reason
             break
-        if config.checkpoint_every and run.iteration % config.checkpoint_every == 0 and run.iteration < config.iterations:
+        if run.iteration < config.iterations and run.engine.checkpoint_due(
+                run.iteration, every=config.checkpoint_every, minutes=config.checkpoint_minutes):
             run.checkpoint()
     if stopped in ("max_minutes", "stop_after_iterations"):
         run.checkpoint()  # an interrupted run goes on from here
@@ -639,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("max-new-tokens", int), ("temperature", float), ("top-p", float), ("kl-coef", float),
                        ("learning-rate", float), ("vf-coef", float), ("clip-range", float), ("missing-eos-penalty", float),
                        ("uncertainty-coef", float), ("eval-fraction", float), ("eval-every", int),
-                       ("early-stopping-patience", int), ("max-minutes", float), ("checkpoint-every", int), ("stop-after-iterations", int),
+                       ("early-stopping-patience", int), ("max-minutes", float), ("checkpoint-every", int), ("checkpoint-minutes", float), ("stop-after-iterations", int),
                        ("seed", int)):
         parser.add_argument(f"--{name}", type=kind, default=None)
     resume = parser.add_mutually_exclusive_group()

@@ -139,6 +139,21 @@ def test_one_gradient_step_per_minibatch(tmp_path, tiny_policy, stories_tokenize
     assert state["optimizer"]["state"][0]["step"] == 4  # AdamW stepped four times
 
 
+@pytest.mark.parametrize(("every", "minutes", "written_after"), [(0, None, []), (2, None, [2]), (0, 1e-9, [1, 2, 3])])
+def test_checkpoints_come_every_n_iterations_or_once_the_minutes_have_passed(
+        tmp_path, tiny_policy, stories_tokenizer, story_prompts, every, minutes, written_after):
+    state_file = tmp_path / "ppo" / TRAIN_STATE_FILE
+    seen = []
+
+    def on_iteration(record):  # the checkpoint of iteration i is written after its record, so look at i - 1's
+        if state_file.exists():
+            seen.append(torch.load(state_file, weights_only=False)["iteration"])
+
+    train_ppo(_config(tmp_path, tiny_policy, stories_tokenizer, story_prompts, iterations=4, max_new_tokens=4,
+                      checkpoint_every=every, checkpoint_minutes=minutes), on_iteration=on_iteration)
+    assert sorted(set(seen)) == written_after  # the last iteration writes none: the run ends there
+
+
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_policy, stories_tokenizer, story_prompts):
     common = dict(iterations=4, eval_every=2, early_stopping_patience=None)
     full = train_ppo(_config(tmp_path / "full", tiny_policy, stories_tokenizer, story_prompts, **common))
@@ -158,7 +173,7 @@ def test_kill_9_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_pat
     args = ["--policy", str(tiny_policy), "--tokenizer", str(stories_tokenizer), "--prompts", str(story_prompts),
             "--reward-fn", E_FN, "--prompt-format", "plain", "--iterations", "40", "--batch-size", "8",
             "--minibatch-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-3", "--eval-every", "0",
-            "--threads", "1"]
+            "--threads", "1", "--checkpoint-every", "1"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "training.ppo", *args, "--out", str(killed)], cwd=REPO,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
