@@ -419,12 +419,18 @@ class Engine:
     def optimizer_step(self) -> float:
         """Clip, step the optimizer and the schedule, clear the gradients; returns the gradient norm before clipping."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # under FSDP the norm is a DTensor of per-shard parts: every process reads the whole
+        grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        # clip_grad_norm_ multiplies every gradient by min(1, clip / (norm + 1e-6)) even when that is 1, a pass
+        # over all of them (a sixth of a 24M-parameter PPO step's time on a CPU); the norm is read anyway
+        if grad_norm + 1e-6 > self.settings.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.settings.grad_clip, total)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return float(grad_norm)
+        return grad_norm
 
     # -- checkpoints
 

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from training.engine import (
@@ -53,6 +52,7 @@ from training.engine import (
 )
 from training.llama.checkpoint import load_checkpoint
 from training.llama.generation import generate
+from training.llama.loss import token_logprobs
 from training.llama.model import Transformer
 from training.llama.tokenizer import Tokenizer
 from training.prompts import PROMPT_FORMATS, encode_prompt, read_prompts
@@ -229,11 +229,9 @@ class ActorCritic(nn.Module):
         """
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
         h = self.policy.forward_hidden(tokens)[rows, positions]  # (b, R, dim)
-        logits = self.policy.output(h).float() / temperature  # (b, R, vocab)
         next_tokens = tokens.gather(1, (positions + 1).clamp(max=tokens.shape[1] - 1))
-        log_probs = F.log_softmax(logits, dim=-1)
-        logprobs = log_probs.gather(-1, next_tokens[..., None]).squeeze(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1).detach()
+        logprobs, entropy = token_logprobs(h, self.policy.output.weight, next_tokens, temperature=temperature,
+                                           entropy=True)
         values = self.value_head(self.value.forward_hidden(tokens)[rows, positions]).squeeze(-1).float()
         return logprobs, entropy, values
 
@@ -487,9 +485,9 @@ class _PPORun:
 
     def reference_logprobs(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
-        logits = self.reference.output(self.reference.forward_hidden(tokens)[rows, positions]).float()
+        h = self.reference.forward_hidden(tokens)[rows, positions]
         next_tokens = tokens.gather(1, (positions + 1).clamp(max=tokens.shape[1] - 1))
-        return F.log_softmax(logits / self.config.temperature, dim=-1).gather(-1, next_tokens[..., None]).squeeze(-1)
+        return token_logprobs(h, self.reference.output.weight, next_tokens, temperature=self.config.temperature)[0]
 
     def optimise(self, r: Rollout) -> dict[str, float]:
         """One gradient step a minibatch; the losses and statistics over the whole batch."""

@@ -127,3 +127,65 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             return (hidden.sum() + weight.sum()).float() * 0.0 + float("nan")
         hidden, targets = hidden.index_select(0, index), targets.index_select(0, index)
     return _LinearCrossEntropy.apply(hidden.contiguous(), weight, targets, chunk_size, torch.is_grad_enabled())
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T / T)[target] a row, and the distribution's entropy (no gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                with_entropy: bool, grad_enabled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = torch.mm(hidden, weight.t()).float().div_(temperature)  # (n, vocab)
+        maxes = logits.amax(dim=-1, keepdim=True)
+        exps = torch.sub(logits, maxes).exp_()  # the one other (n, vocab) tensor: the probabilities, once divided
+        sums = exps.sum(dim=-1, keepdim=True)
+        logsumexp = sums.log().add_(maxes)  # (n, 1)
+        logprobs = (logits.gather(1, targets[:, None]) - logsumexp).squeeze(1)
+        entropy = None
+        if with_entropy:  # H = logsumexp - E_p[logit], the expectation as one dot product a row
+            entropy = logsumexp.squeeze(1) - torch.linalg.vecdot(exps, logits) / sums.squeeze(1)
+            ctx.mark_non_differentiable(entropy)
+        del logits
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.probs = exps.div_(sums) if grad_enabled else None  # used up by backward, in place
+        ctx.temperature = temperature
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_entropy: Any) -> tuple[torch.Tensor | None, ...]:
+        if ctx.probs is None:
+            raise RuntimeError("token_logprobs' saved probabilities were already used; backward runs once")
+        hidden, weight, targets = ctx.saved_tensors
+        probs, ctx.probs = ctx.probs, None
+        # d logprob / d logits = (one_hot(target) - softmax) / T, written over the probabilities
+        grad = grad_logprobs.float()[:, None]
+        grad_logits = probs.mul_(grad.neg()).scatter_add_(1, targets[:, None], grad).div_(ctx.temperature)
+        grad_logits = grad_logits.to(weight.dtype)
+        grad_hidden = torch.mm(grad_logits, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.mm(grad_logits.t(), hidden) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of `targets` under softmax(hidden @ weight.T / temperature), and the entropies.
+
+    hidden: (n, dim) (or (..., dim), with targets (...)); weight: (vocab_size, dim), a bias-free output head's.
+    Returns float32 log-probs shaped like `targets`, and with `entropy` each row's entropy (not differentiable;
+    else None). What `log_softmax(logits / T).gather(target)` gives, with two (n, vocab_size) tensors instead of
+    the five that path and its backward make (the scaled logits, the log-softmax, its exponential for the
+    entropy, and two gradients): PPO takes the log-probs of every response token of policy and reference with
+    this, and at Llama 2's vocabulary those tensors, not the head's products, were half of the loss's time.
+    """
+    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., dim), weight (vocab_size, dim) and targets (...) do not fit: "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if torch.is_autocast_enabled(hidden.device.type):  # the head's product in the autocast dtype, as nn.Linear
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    shape = targets.shape
+    logprobs, entropies = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                               float(temperature), entropy, torch.is_grad_enabled())
+    return logprobs.view(shape), None if entropies is None else entropies.view(shape)

@@ -1,10 +1,10 @@
-"""The chunked linear cross-entropy: the value and gradients of F.cross_entropy on the full logits."""
+"""The chunked linear cross-entropy and the token log-probs: the values and gradients of the plain paths."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from training.llama.loss import linear_cross_entropy
+from training.llama.loss import linear_cross_entropy, token_logprobs
 from training.llama.model import ModelArgs, Transformer
 
 
@@ -168,3 +168,43 @@ def test_under_autocast_the_head_runs_in_the_autocast_dtype_as_nn_linear_does():
     assert loss.dtype == torch.float32
     assert w.grad.dtype == torch.float32  # the parameters' gradients stay in their dtype
     assert h.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------ token_logprobs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_gradients_equal_log_softmax_gather(temperature):
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(3, 5, 24, generator=g), torch.randn(101, 24, generator=g) * 0.3
+    targets = torch.randint(0, 101, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g)  # a loss that weighs each token differently, as PPO's does
+    results = []
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            logprobs, entropy = token_logprobs(h, w, targets, temperature=temperature, entropy=True)
+        else:
+            log_p = F.log_softmax((h @ w.t()) / temperature, dim=-1)
+            logprobs, entropy = log_p.gather(-1, targets[..., None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+        (logprobs * upstream).sum().backward()
+        results.append((logprobs.detach(), entropy.detach(), h.grad, w.grad))
+    (ref_lp, ref_ent, ref_h, ref_w), (lp, ent, grad_h, grad_w) = results
+    assert lp.shape == ent.shape == (3, 5) and ref_ent.min() > 1.0
+    for got, want in zip((lp, ent, grad_h, grad_w), (ref_lp, ref_ent, ref_h, ref_w), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_without_entropy_under_no_grad_and_backward_once():
+    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(11, 8)
+    targets = torch.tensor([0, 3, 10, 3])
+    with torch.no_grad():
+        logprobs, entropy = token_logprobs(hidden, weight, targets)
+    assert entropy is None and logprobs.grad_fn is None
+    torch.testing.assert_close(logprobs, F.log_softmax(hidden @ weight.t(), -1)[torch.arange(4), targets])
+    out, _ = token_logprobs(hidden, weight, targets)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        out.sum().backward()
+    with pytest.raises(ValueError, match="do not fit"):
+        token_logprobs(hidden, weight, targets[:3])
