@@ -22,14 +22,15 @@ checkpointing on either side.
 What differs by design: our rollout stops an answer at EOS (the random policy draws EOS about once in 512 tokens;
 the mean response length is reported); TRL's is run without a stop token, so it always generates 32. Our reward
 model reads the prompt and the answer as text rendered in the chat format (rewards.scoring), TRL's reward model the
-raw prompt + response ids. Our iteration writes its exact-resume checkpoint (train_state.pt, fsynced); TRL's
-PPOTrainer has no resume and saves nothing (save_strategy "no"). TRL clips no gradients in its PPO loop; ours
-clips at 1.0.
+raw prompt + response ids. Ours writes its exact-resume checkpoint (train_state.pt, fsynced) on its default
+schedule, every 10 minutes, so none falls between timed iterations: the run is stopped after them, which writes
+one, and its time is reported apart (`checkpoint_s`); TRL's PPOTrainer has no resume and saves nothing
+(save_strategy "no"). TRL clips no gradients in its PPO loop; ours clips at 1.0.
 
 Phases. Ours: rollout = `_PPORun.rollout` (sampling), scoring = the rest of `_PPORun.prepare` (reward model,
 policy/value and reference forward passes, rewards, GAE, whitening), optimisation = `_PPORun.optimise` (the
-minibatch steps); total = the time between successive iterations' records (so it also holds the checkpoint and
-the batch statistics). TRL (its `train` loop has no timing hooks; see ppo_iteration_trl.py): rollout = its
+minibatch steps); total = the time between successive iterations' records (so it also holds the batch
+statistics). TRL (its `train` loop has no timing hooks; see ppo_iteration_trl.py): rollout = its
 `batch_generation` call, scoring = from there to the first training forward pass (log-probs from the generation
 logits, reference, value and reward forward passes, rewards, GAE, whitening, its gc.collect), optimisation = from
 that forward pass to the first `gather_for_metrics` (the minibatch steps with their statistics); total = the
@@ -198,8 +199,6 @@ def run_ours(payload_path: str, run_index: int) -> None:
         marks["steps"] = 0
         if state["last"] is not None:
             entry["wall"]["total_s"], entry["cpu"]["total_s"] = Clock.since(state["last"], now)
-            # the previous iteration's checkpoint falls in this interval
-            entry["checkpoint_s"] = marks["checkpoint"][i - 1][0]
         iterations.append(entry)
         if i == payload["warmup"] - 1:
             state["peak_before_iterations"] = proc_status_bytes("VmHWM")
@@ -210,14 +209,18 @@ def run_ours(payload_path: str, run_index: int) -> None:
     out = Path(payload["work"]) / f"ours-{run_index}"
     config = ppo.PPOConfig(
         policy=payload["policy_hf"], tokenizer=payload["tokenizer"], prompts=payload["prompts"], out_dir=str(out),
-        reward_model=payload["reward_dir"], prompt_format="plain", iterations=payload["warmup"] + payload["iterations"],
+        # one iteration more in the plan, stopped before it: the stop writes the checkpoint, timed on its own
+        reward_model=payload["reward_dir"], prompt_format="plain", iterations=payload["warmup"] + payload["iterations"] + 1,
+        stop_after_iterations=payload["warmup"] + payload["iterations"],
         batch_size=payload["batch"], minibatch_size=payload["minibatch"], max_new_tokens=payload["response_length"],
         temperature=1.0, top_p=1.0, kl_coef=payload["kl_coef"], learning_rate=payload["learning_rate"],
         schedule="constant", eval_every=0, early_stopping_patience=None, resume=False, seed=payload["seed"],
         device="cpu", num_threads=payload["threads"],
     )
     ppo.train_ppo(config, on_iteration=on_iteration)
-    print(json.dumps(child_summary("training.ppo", iterations, payload["warmup"], state, torch.get_num_threads())))
+    summary = child_summary("training.ppo", iterations, payload["warmup"], state, torch.get_num_threads())
+    summary["checkpoint_s"] = marks["checkpoint"][-1][0]
+    print(json.dumps(summary))
 
 
 def child_summary(name: str, iterations: list[dict[str, Any]], warmup: int, state: dict[str, Any],
@@ -255,8 +258,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["timed_iterations"] = len(its)
     out["optimizer_steps_per_iteration"] = sorted({it["optimizer_steps"] for it in its})
     out["mean_response_length"] = round(statistics.mean(it["response_length"] for it in its), 3)
-    if "checkpoint_s" in its[0]:
-        out["checkpoint_s"] = round(statistics.median(it["checkpoint_s"] for it in its), 4)
+    if "checkpoint_s" in runs[0]:
+        out["checkpoint_s"] = round(statistics.median(r["checkpoint_s"] for r in runs), 4)
     if "reported" in its[0]:
         out["reported_by_training_ppo"] = {k: round(statistics.median(it["reported"][k] for it in its), 4)
                                            for k in PHASES}
