@@ -9,6 +9,7 @@ alone. Meta instead left-aligns the prompts and feeds the longer ones token by t
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,26 +36,29 @@ class RowGenerators:
     the same sequence is sampled whether it is generated alone, in a batch of 4 or of 64 (PPO relies on this to
     give each process of a distributed run the answers one process would draw). A draw is made only for the rows
     that need one (`rows`), so rejection rounds of other rows do not advance a row's stream.
+
+    The streams are Python's (`random.Random`, a Mersenne twister each), not torch.Generators: a step's draws are
+    then one list made into one tensor, where a generator a row took a `torch.rand` call a row and a stack (half
+    of the sampler's time at a vocabulary of 512). Each uniform has float32's 24 bits, in [0, 1), as torch.rand's.
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str | None = None):
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.streams = [random.Random(int(s)) for s in seeds]
         self.device = device
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return len(self.streams)
 
     def uniform(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(n_rows, 1) uniforms in [0, 1): drawn for the rows where `rows` (bool (n_rows, 1)) is True, 0 elsewhere."""
         wanted = [True] * len(self) if rows is None else rows.squeeze(-1).tolist()
-        return torch.stack([
-            torch.rand(1, generator=g, device=self.device) if w else torch.zeros(1, device=self.device)
-            for g, w in zip(self.generators, wanted, strict=True)
-        ])
+        values = [stream.getrandbits(24) * 2.0**-24 if w else 0.0
+                  for stream, w in zip(self.streams, wanted, strict=True)]
+        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
 
     def subset(self, indices: Sequence[int]) -> RowGenerators:
         out = RowGenerators([], self.device)
-        out.generators = [self.generators[i] for i in indices]
+        out.streams = [self.streams[i] for i in indices]
         return out
 
 
@@ -77,9 +81,8 @@ def sample_top_p_sorted(probs: torch.Tensor, p: float, generator: Generator | No
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # Drop a token when the tokens ranked above it already reach p (the top token always stays).
     probs_sort[probs_sum - probs_sort > p] = 0.0
-    if isinstance(generator, RowGenerators):  # each row from its own stream
-        next_token = torch.cat([torch.multinomial(row[None], 1, generator=g)
-                                for row, g in zip(probs_sort, generator.generators, strict=True)])
+    if isinstance(generator, RowGenerators):  # each row from its own stream, by inverse CDF as multinomial draws
+        next_token = sample_full(probs_sort, generator)
     else:
         next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # multinomial renormalises
     return torch.gather(probs_idx, -1, next_token)
@@ -164,6 +167,22 @@ def sample_full(probs: torch.Tensor, generator: Generator | None = None) -> torc
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
+def _sample_untruncated(scaled: torch.Tensor, generator: Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_full` of softmax(scaled) and the drawn tokens' log-probs, from the unnormalised exponentials.
+
+    Inverse CDF needs no normalised distribution (the uniform is scaled by the total), and the log-prob is
+    scaled[token] - logsumexp: three passes over the vocabulary (max, exp, cumulative sum) where softmax, the
+    sampler and the log take six (PPO's rollouts, the model worker's, rejection sampling's).
+    """
+    maxes = scaled.amax(dim=-1, keepdim=True)
+    cdf = torch.sub(scaled, maxes).exp_().cumsum_(dim=-1)  # (bsz, vocab_size)
+    total = cdf[:, -1:]
+    u = _uniform(scaled.shape[0], generator, scaled.device) * total
+    next_token = torch.searchsorted(cdf, u, right=True).clamp_(max=scaled.shape[-1] - 1)  # (bsz, 1)
+    logprobs = scaled.gather(-1, next_token) - maxes - total.log()
+    return next_token.squeeze(-1), logprobs.squeeze(-1)
+
+
 def sample_next_token(
     logits: torch.Tensor,
     *,
@@ -180,8 +199,10 @@ def sample_next_token(
     `temperature` may be a (bsz, 1) tensor of positive temperatures, one a row.
     """
     if isinstance(temperature, torch.Tensor) or temperature > 0:
-        scaled = logits / temperature
+        scaled = logits if isinstance(temperature, float | int) and temperature == 1 else logits / temperature
         truncated = top_k is not None and top_k < scaled.shape[-1]
+        if not truncated and top_p >= 1.0:
+            return _sample_untruncated(scaled, generator)
         logprobs = torch.log_softmax(scaled, dim=-1) if truncated else None
         if truncated:
             kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (bsz, 1)
