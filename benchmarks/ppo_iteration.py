@@ -1,14 +1,15 @@
 """One PPO iteration, split into rollout, scoring and optimisation: training.ppo against TRL 1.12's PPOTrainer.
 
-    .venv/bin/python benchmarks/ppo_iteration.py [--threads 1] [--rounds 3] [--iterations 3]
-        [--trl-python /work/trl112-venv/bin/python]
+    .venv/bin/python benchmarks/ppo_iteration.py [--shape stories260k|llama2-24m] [--threads 1] [--rounds 3]
+        [--iterations 3] [--trl-python /work/trl112-venv/bin/python]
 
 TRL runs in a separate environment (never a project dependency; 1.12 is TRL's last release with PPO):
     python3.11 -m venv /work/trl112-venv
     /work/trl112-venv/bin/pip install torch==2.13.0 "trl==1.12.*" accelerate datasets
 
 The same models on both sides: one random Llama (training.llama.model.Transformer, stories260K's shape by
-default: dim 64, 5 layers, 8 heads, 4 KV heads, vocabulary 512) saved in Hugging Face's layout, which our policy
+default: dim 64, 5 layers, 8 heads, 4 KV heads, vocabulary 512; `--shape llama2-24m`: dim 288, 6 layers, 6 heads,
+Llama 2's tokenizer and vocabulary of 32,000) saved in Hugging Face's layout, which our policy
 and reference load and TRL's LlamaForCausalLM policy and reference load; one random reward model of the same
 shape (rewards.model.RewardModel), saved with rewards.model.save_reward_model for ours and in Hugging Face's layout
 for TRL's LlamaForSequenceClassification, whose `score` weight is set to our score head's: the reward and value
@@ -25,7 +26,9 @@ model reads the prompt and the answer as text rendered in the chat format (rewar
 raw prompt + response ids. Ours writes its exact-resume checkpoint (train_state.pt, fsynced) on its default
 schedule, every 10 minutes, so none falls between timed iterations: the run is stopped after them, which writes
 one, and its time is reported apart (`checkpoint_s`); TRL's PPOTrainer has no resume and saves nothing
-(save_strategy "no"). TRL clips no gradients in its PPO loop; ours clips at 1.0.
+(save_strategy "no"). TRL clips no gradients in its PPO loop; ours clips at 1.0. Ours runs with PyTorch's
+transparent huge pages for large CPU tensors, which importing training.llama turns on; TRL as installed, without.
+THP_MEM_ALLOC_ENABLE=0 (or 1) in this script's environment reaches both children: neither (or both) has them.
 
 Phases. Ours: rollout = `_PPORun.rollout` (sampling), scoring = the rest of `_PPORun.prepare` (reward model,
 policy/value and reference forward passes, rewards, GAE, whitening), optimisation = `_PPORun.optimise` (the
@@ -63,6 +66,15 @@ from benchmarks.llama_sampling import proc_status_bytes  # noqa: E402
 
 DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
 PHASES = ("rollout_s", "scoring_s", "optimisation_s")
+SHAPES = {
+    # stories260K's shape: a tiny model whose time goes to the cost of each operation more than to arithmetic
+    "stories260k": dict(tokenizer=DATA / "stories260k" / "tokenizer.model", dim=64, layers=5, heads=8, kv_heads=4,
+                        multiple_of=4),
+    # llama2.c's stories15M shape with Llama 2's tokenizer (24.4M parameters, 18.4M of them the embedding and the
+    # head): a tiny Llama 2 whose time goes to its matrix products, as a real one's does
+    "llama2-24m": dict(tokenizer=DATA / "llama2-tokenizer" / "tokenizer.model", dim=288, layers=6, heads=6,
+                       kv_heads=6, multiple_of=32),
+}
 
 STORY_OPENINGS = [
     "Once upon a time, there was a little girl named Lily.",
@@ -283,12 +295,14 @@ def ratios(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trl-python", default="/work/trl112-venv/bin/python")
-    parser.add_argument("--tokenizer", type=Path, default=DATA / "stories260k" / "tokenizer.model")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=5)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--multiple-of", type=int, default=4)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="stories260k",
+                        help="the model's shape and tokenizer (the flags below override its parts)")
+    parser.add_argument("--tokenizer", type=Path)
+    parser.add_argument("--dim", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--multiple-of", type=int)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16, help="prompts an iteration (at most 16)")
     parser.add_argument("--minibatch", type=int, default=4)
@@ -304,6 +318,9 @@ def main() -> None:
     parser.add_argument("--payload", help=argparse.SUPPRESS)
     parser.add_argument("--run-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.worker == "ours":
         run_ours(args.payload, args.run_index)
         return
@@ -338,6 +355,7 @@ def main() -> None:
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "benchmark_wall_s": round(time.perf_counter() - started, 1),
     }, indent=2))
 

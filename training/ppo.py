@@ -221,8 +221,10 @@ class ActorCritic(nn.Module):
         self.value_head = value_head
         value.output.requires_grad_(False)  # the value model reads hidden states, never the vocabulary head
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
-        """Log-probs of the tokens that follow `positions` (b, R), their entropies and values, each (b, R).
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, temperature: float, *,
+                entropy: bool = True) -> tuple[torch.Tensor, ...]:
+        """Log-probs of the tokens that follow `positions` (b, R), their entropies (None without `entropy`) and
+        values, each (b, R).
 
         `tokens` (b, L) are right-padded prompt + response rows; positions[i, t] is the index of the hidden state
         that predicts response token t of row i (its prompt length - 1 + t; padded rows repeat a valid index).
@@ -230,10 +232,10 @@ class ActorCritic(nn.Module):
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
         h = self.policy.forward_hidden(tokens)[rows, positions]  # (b, R, dim)
         next_tokens = tokens.gather(1, (positions + 1).clamp(max=tokens.shape[1] - 1))
-        logprobs, entropy = token_logprobs(h, self.policy.output.weight, next_tokens, temperature=temperature,
-                                           entropy=True)
+        logprobs, entropies = token_logprobs(h, self.policy.output.weight, next_tokens, temperature=temperature,
+                                             entropy=entropy)
         values = self.value_head(self.value.forward_hidden(tokens)[rows, positions]).squeeze(-1).float()
-        return logprobs, entropy, values
+        return logprobs, entropies, values
 
 
 def build_value_model(config: PPOConfig, policy: Transformer, tokenizer_path: Path,
@@ -467,7 +469,7 @@ class _PPORun:
         scores, raw = self.score(prompt_indices, responses, finished)
         tokens, positions, mask = rollout_tensors([self.train_ids[i] for i in prompt_indices], responses, device)
         with self.autocast():  # as in optimise: the ratio is exactly 1 before the first update
-            logprobs, _, values = self.model(tokens, positions, config.temperature)
+            logprobs, _, values = self.model(tokens, positions, config.temperature, entropy=False)
             ref_logprobs = self.reference_logprobs(tokens, positions)
         t2 = time.monotonic()
         rewards = per_token_rewards(scores.to(device), logprobs, ref_logprobs, mask, config.kl_coef)

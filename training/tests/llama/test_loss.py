@@ -190,7 +190,8 @@ def test_token_logprobs_and_gradients_equal_log_softmax_gather(temperature):
         (logprobs * upstream).sum().backward()
         results.append((logprobs.detach(), entropy.detach(), h.grad, w.grad))
     (ref_lp, ref_ent, ref_h, ref_w), (lp, ent, grad_h, grad_w) = results
-    assert lp.shape == ent.shape == (3, 5) and ref_ent.min() > 1.0
+    assert lp.shape == ent.shape == (3, 5)
+    assert ref_ent.min() > 1.0
     for got, want in zip((lp, ent, grad_h, grad_w), (ref_lp, ref_ent, ref_h, ref_w), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -200,7 +201,8 @@ def test_token_logprobs_without_entropy_under_no_grad_and_backward_once():
     targets = torch.tensor([0, 3, 10, 3])
     with torch.no_grad():
         logprobs, entropy = token_logprobs(hidden, weight, targets)
-    assert entropy is None and logprobs.grad_fn is None
+    assert entropy is None
+    assert logprobs.grad_fn is None
     torch.testing.assert_close(logprobs, F.log_softmax(hidden @ weight.t(), -1)[torch.arange(4), targets])
     out, _ = token_logprobs(hidden, weight, targets)
     out.sum().backward(retain_graph=True)

@@ -1,6 +1,10 @@
 """The Llama 2 transformer: parity with transformers' LlamaForCausalLM, KV cache, masking, training."""
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +326,36 @@ def test_compiled_blocks_give_the_eager_loss_gradients_and_cached_decoding():
         chunks += [model(tokens[:, t : t + 1], start_pos=t, kv_cache=cache) for t in range(20, 24)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+_HUGE_PAGES_OF_A_16MB_TENSOR = """
+import re, sys, training.llama, torch
+def huge_kb():
+    return int(re.search(r"AnonHugePages:\\s+(\\d+) kB", open("/proc/self/smaps_rollup").read()).group(1))
+before = huge_kb()
+tensor = torch.ones(4 << 20)  # 16 MB, every page written
+print(huge_kb() - before)
+"""
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="the kernel gives no transparent huge pages")
+def test_importing_the_package_gives_large_cpu_tensors_huge_pages_unless_turned_off():
+    def huge_kb(setting: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if setting is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = setting
+        out = subprocess.run([sys.executable, "-c", _HUGE_PAGES_OF_A_16MB_TENSOR], env=env, capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parents[3])
+        return int(out.stdout.split()[-1])
+
+    assert huge_kb(None) >= 8 * 1024  # most of the 16 MB in 2 MB pages
+    if _thp_mode() == "madvise":  # only what PyTorch asks for gets them
+        assert huge_kb("0") == 0
