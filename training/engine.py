@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -219,6 +220,27 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _numpy_array_globals() -> list[Any]:
+    """What unpickling NumPy's RNG state (a uint32 array) takes, for `torch.load(weights_only=True)`."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # NumPy 2
+    except ImportError:  # pragma: no cover - NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A trainer's checkpoint, loaded without running code from it (`weights_only`): tensors, plain Python values
+    and NumPy's RNG state array. A run's directory may be on a volume others write; a pickle there must not be
+    able to run code in the worker that resumes it."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path} holds more than tensors and plain values, so it was not loaded (it could run "
+                         f"code): {str(exc).splitlines()[-1][:200]}; remove it or use another output directory") from exc
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
@@ -467,7 +489,7 @@ class Engine:
         if not self.has_checkpoint():
             return None
         assert self.state_path is not None
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        state = load_train_state(self.state_path)
         if bool(state.get("sharded", False)) != self.sharded:
             raise ValueError(f"{self.state_path} was written by a {'sharded' if state.get('sharded') else 'DDP'} run; "
                              f"resume it the same way")
@@ -542,4 +564,4 @@ def read_elapsed_minutes(state_path: str | os.PathLike[str]) -> float:
     path = Path(state_path)
     if not path.is_file():
         return 0.0
-    return float(torch.load(path, map_location="cpu", weights_only=False).get("elapsed_s", 0.0)) / 60
+    return float(load_train_state(path).get("elapsed_s", 0.0)) / 60

@@ -16,6 +16,7 @@ from rewards.train import (
     train_reward_model,
     warmup_steps_for,
 )
+from training.engine import load_train_state
 from training.llama.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +65,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(train_config, tmp_
     first = train_reward_model(train_config(out_dir=str(tmp_path / "cut"), stop_after_steps=3, **common))
     assert first.stopped == "stop_after_steps"
     assert first.steps == 3
-    state = torch.load(tmp_path / "cut" / TRAIN_STATE_FILE, weights_only=False)
+    state = load_train_state(tmp_path / "cut" / TRAIN_STATE_FILE)
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (3, 0, 3)
     assert {"model", "optimizer", "scheduler", "rng"} <= set(state)
     resumed = train_reward_model(train_config(out_dir=str(tmp_path / "cut"), **common))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.engine import setup_distributed
+from training.engine import load_train_state, setup_distributed
 from training.llama.checkpoint import load_checkpoint
 from training.llama.tokenizer import Tokenizer
 from training.ppo import (
@@ -134,7 +134,7 @@ def test_one_gradient_step_per_minibatch(tmp_path, tiny_policy, stories_tokenize
     config = _config(tmp_path, tiny_policy, stories_tokenizer, story_prompts, iterations=3, stop_after_iterations=1,
                      batch_size=16, minibatch_size=4)
     train_ppo(config)
-    state = torch.load(Path(config.out_dir) / TRAIN_STATE_FILE, weights_only=False)
+    state = load_train_state(Path(config.out_dir) / TRAIN_STATE_FILE)
     assert (state["iteration"], state["step"]) == (1, 16 // 4)
     assert state["optimizer"]["state"][0]["step"] == 4  # AdamW stepped four times
 
@@ -147,11 +147,29 @@ def test_checkpoints_come_every_n_iterations_or_once_the_minutes_have_passed(
 
     def on_iteration(record):  # the checkpoint of iteration i is written after its record, so look at i - 1's
         if state_file.exists():
-            seen.append(torch.load(state_file, weights_only=False)["iteration"])
+            seen.append(load_train_state(state_file)["iteration"])
 
     train_ppo(_config(tmp_path, tiny_policy, stories_tokenizer, story_prompts, iterations=4, max_new_tokens=4,
                       checkpoint_every=every, checkpoint_minutes=minutes), on_iteration=on_iteration)
     assert sorted(set(seen)) == written_after  # the last iteration writes none: the run ends there
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_loaded(tmp_path, tiny_policy, stories_tokenizer,
+                                                                 story_prompts):
+    marker = tmp_path / "ran"
+    (tmp_path / "ppo").mkdir()
+    torch.save({"model": {}, "step": _RunsCode(marker)}, tmp_path / "ppo" / TRAIN_STATE_FILE)
+    with pytest.raises(ValueError, match="could run code"):
+        train_ppo(_config(tmp_path, tiny_policy, stories_tokenizer, story_prompts, iterations=1))
+    assert not marker.exists()
 
 
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_policy, stories_tokenizer, story_prompts):
@@ -186,7 +204,7 @@ def test_kill_9_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_pat
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
     assert json.loads(lines[0])["iteration"] == 1
-    state = torch.load(killed / TRAIN_STATE_FILE, weights_only=False)
+    state = load_train_state(killed / TRAIN_STATE_FILE)
     assert 0 < state["iteration"] < 40
     assert main([*args, "--out", str(killed)]) == 0
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0

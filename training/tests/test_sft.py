@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.engine import load_train_state
 from training.llama.checkpoint import detect_format, load_checkpoint
 from training.llama.tokenizer import Tokenizer
 from training.prompts import PromptRecord, encode_answered, write_prompts
@@ -148,7 +149,7 @@ def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-    step = torch.load(killed / TRAIN_STATE_FILE, weights_only=False)["step"]
+    step = load_train_state(killed / TRAIN_STATE_FILE)["step"]
     assert 0 < step < 200
     assert not (killed / POLICY_DIR).exists()
     assert main([*args, "--out", str(killed)]) == 0
@@ -228,7 +229,7 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, tiny_policy, stories_
     first = subprocess.run([*torchrun, "--stop-after-steps", "2"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    state = torch.load(tmp_path / "fsdp" / TRAIN_STATE_FILE, weights_only=False)
+    state = load_train_state(tmp_path / "fsdp" / TRAIN_STATE_FILE)
     assert (state["step"], state["sharded"]) == (2, True)
     assert state["model"]["layers.0.attention.wq.weight"].shape == (48, 48)  # the full weight, not a shard
     second = subprocess.run(torchrun, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -278,7 +279,7 @@ def test_a_bf16_checkpoint_trains_in_float32_and_is_saved_in_bf16(tmp_path, poli
     save_meta_checkpoint(Transformer(policy_args).to(torch.bfloat16), init)
     settings = dict(learning_rate=2e-5, max_steps=4, schedule="constant", min_warmup_steps=1)
     train_sft(_config(tmp_path, init, stories_tokenizer, sft_prompts_file, stop_after_steps=3, **settings))
-    master = torch.load(tmp_path / "sft" / TRAIN_STATE_FILE, weights_only=False)["model"]
+    master = load_train_state(tmp_path / "sft" / TRAIN_STATE_FILE)["model"]
     before = _weights(init)
     assert master["layers.0.attention.wq.weight"].dtype == torch.float32
     changed = sum(int((master[k] != before[k].float()).sum()) for k in before)
