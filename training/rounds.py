@@ -11,6 +11,7 @@ resumes the one that was running from its checkpoints.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -37,8 +38,10 @@ class Round:
             checked = run_params_check(kind, params)
             stage = run_create(kind=kind, params={**checked, "stage": key}, parent=self.run, send=False, checked=True,
                                user=self.run.created_by)  # fmt: skip
-        if stage.status == RunStatus.RUNNING:  # its worker was this round's, which died: resume it here (once its
-            stale = timezone.now() - timedelta(seconds=settings.RUN_STALE_SECONDS)  # heartbeat has stopped too)
+        if stage.status == RunStatus.RUNNING:
+            self.wait_while_alive(stage)
+            # its worker was this round's, which died: resume it here, its heartbeat stopped too
+            stale = timezone.now() - timedelta(seconds=settings.RUN_STALE_SECONDS)
             TrainingRun.objects.filter(pk=stage.pk, status=RunStatus.RUNNING, heartbeat_at__lt=stale).update(
                 status=RunStatus.QUEUED)
         if stage.status != RunStatus.SUCCEEDED:
@@ -54,6 +57,18 @@ class Round:
         self.done += 1
         self.control.report(self.done / total, {"stage": key, "run": stage.pk, "status": stage.status}, force=True)
         return stage
+
+    def wait_while_alive(self, stage: TrainingRun) -> None:
+        """Wait while a running stage's heartbeat is fresh: another worker holds it (it took the stage over after
+        this round's worker died), or the dead worker's last beat is not stale yet. Its end, or its heartbeat
+        going stale, ends the wait; a cancel of the round too."""
+        while True:
+            stale = timezone.now() - timedelta(seconds=settings.RUN_STALE_SECONDS)
+            if stage.status != RunStatus.RUNNING or stage.heartbeat_at is None or stage.heartbeat_at < stale:
+                return
+            self.control.check()
+            time.sleep(min(settings.RUN_HEARTBEAT_SECONDS, settings.RUN_STALE_SECONDS / 4))
+            stage.refresh_from_db()
 
     def execute(self) -> dict[str, Any]:
         p = self.params

@@ -20,6 +20,7 @@ from annotation.models import (
     PolicyVersion,
     Response,
     Role,
+    RunKind,
     RunStatus,
     TaskStatus,
     TrainingRun,
@@ -247,6 +248,38 @@ def test_a_claimed_run_is_not_claimed_again_until_its_heartbeat_stops(stories, s
     assert taken.celery_task_id == "t3"
     TrainingRun.objects.filter(pk=run.pk).update(status=RunStatus.SUCCEEDED)
     assert run_claim(run.pk, "t4") is None
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_a_round_waits_for_a_stage_another_worker_holds_and_resumes_one_whose_worker_died(db, settings, monkeypatch,
+                                                                                         alive):
+    from training import rounds
+
+    settings.RUN_HEARTBEAT_SECONDS, settings.RUN_STALE_SECONDS = 5.0, 90.0
+    round_run = TrainingRun.objects.create(kind=RunKind.ROUND, status=RunStatus.RUNNING, worker=run_control.WORKER_ID,
+                                           heartbeat_at=timezone.now())
+    beat = timezone.now() - timedelta(seconds=0 if alive else 91)
+    stage = TrainingRun.objects.create(kind=RunKind.EVALUATION, status=RunStatus.RUNNING, parent=round_run,
+                                       params={"stage": "evaluation"}, worker="other-host:1", heartbeat_at=beat)
+    waited, executed = [], []
+
+    def sleep(seconds):  # the other worker finishes the stage while the round waits
+        waited.append(seconds)
+        TrainingRun.objects.filter(pk=stage.pk).update(status=RunStatus.SUCCEEDED)
+
+    def execute(run_id):  # this worker runs the stage itself
+        executed.append(TrainingRun.objects.get(pk=run_id).status)
+        TrainingRun.objects.filter(pk=run_id).update(status=RunStatus.SUCCEEDED)
+
+    monkeypatch.setattr(rounds.time, "sleep", sleep)
+    control = run_control.RunControl(round_run.pk)
+    done = rounds.Round(round_run, control, execute).stage("evaluation", RunKind.EVALUATION, {}, total=1)
+    assert done.pk == stage.pk
+    assert done.status == RunStatus.SUCCEEDED
+    if alive:  # held elsewhere: waited for it, took its success, ran nothing
+        assert (waited, executed) == ([5.0], [])
+    else:  # its worker is gone: requeued and run here, at once
+        assert (waited, executed) == ([], [RunStatus.QUEUED])
 
 
 def test_the_reconciler_requeues_dead_runs_and_resends_lost_messages_only(stories, settings, django_capture_on_commit_callbacks):
