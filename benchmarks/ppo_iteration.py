@@ -65,6 +65,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.llama_sampling import proc_status_bytes  # noqa: E402
 
 DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO.parent / "shared" / "data"))
+# The caller's huge-pages setting, read before anything imports training.llama (which sets it in this process's
+# environment): the children get exactly this, so TRL's runs as installed unless the caller sets it.
+CALLER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
 PHASES = ("rollout_s", "scoring_s", "optimisation_s")
 SHAPES = {
     # stories260K's shape: a tiny model whose time goes to the cost of each operation more than to arithmetic
@@ -252,6 +255,9 @@ def child_summary(name: str, iterations: list[dict[str, Any]], warmup: int, stat
 
 def run_child(cmd: list[str], threads: int) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if CALLER_THP is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = CALLER_THP
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:2])} failed ({out.returncode}):\n{out.stderr[-6000:]}")
@@ -355,7 +361,7 @@ def main() -> None:
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "cpus": os.cpu_count(),
-        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "THP_MEM_ALLOC_ENABLE": CALLER_THP,  # None: each side as it comes (ours on, TRL's off)
         "benchmark_wall_s": round(time.perf_counter() - started, 1),
     }, indent=2))
 

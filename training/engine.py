@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -231,16 +232,26 @@ def _numpy_array_globals() -> list[Any]:
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+@functools.cache
+def _allow_numpy_arrays() -> None:
+    """Add what NumPy's RNG state needs to weights_only's allowlist, once a process (process-wide, as
+    `torch.serialization.add_safe_globals` is; a `safe_globals` block around each load would change the same
+    list for every thread while it lasts)."""
+    torch.serialization.add_safe_globals(_numpy_array_globals())
+
+
 def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A trainer's checkpoint, loaded without running code from it (`weights_only`): tensors, plain Python values
     and NumPy's RNG state array. A run's directory may be on a volume others write; a pickle there must not be
     able to run code in the worker that resumes it."""
+    _allow_numpy_arrays()
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        cause = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
         raise ValueError(f"{path} holds more than tensors and plain values, so it was not loaded (it could run "
-                         f"code): {str(exc).splitlines()[-1][:200]}; remove it or use another output directory") from exc
+                         f"code): {cause[:300]}") from exc
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
@@ -398,13 +409,14 @@ class Engine:
         """Whether to checkpoint after `done` steps (or iterations): on every `every`-th (0: never by count), or
         once `minutes` have passed since the last checkpoint (rank 0's clock; every process gets its answer).
 
-        A checkpoint holds the optimizer's moments beside the weights, 16 bytes a trained parameter: written every
-        iteration it costs about as much as the iteration (1.5-2.2 s against 3.0-3.4 s for a PPO iteration of a
-        24M-parameter policy and value model on one CPU thread, `benchmarks/ppo_iteration.py --shape llama2-24m`;
-        over 200 GB for a 7B policy and value model), hence a schedule by time.
+        A checkpoint holds AdamW's two moments beside the float32 weights, 12 bytes a trained parameter: written
+        every iteration it costs about as much as the iteration (1.5-2.2 s against 3.0-3.4 s for a PPO iteration
+        of a 24M-parameter policy and value model on one CPU thread, `benchmarks/ppo_iteration.py --shape
+        llama2-24m`; about 170 GB for a 7B policy and value model), hence a schedule by time. `minutes` None or 0:
+        by count only.
         """
         due = bool(every) and done % every == 0
-        if not due and minutes is not None:
+        if not due and minutes:
             due = bool(self.dist.broadcast_int(int(time.monotonic() - self._last_save >= 60 * minutes)))
         return due
 
@@ -443,11 +455,13 @@ class Engine:
         """Clip, step the optimizer and the schedule, clear the gradients; returns the gradient norm before clipping."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        # under FSDP the norm is a DTensor of per-shard parts: every process reads the whole
-        grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        if hasattr(total, "full_tensor"):  # FSDP: a DTensor of per-shard parts; every process gets the same whole
+            total = total.full_tensor()
+        grad_norm = float(total)
         # clip_grad_norm_ multiplies every gradient by min(1, clip / (norm + 1e-6)) even when that is 1, a pass
-        # over all of them (a sixth of a 24M-parameter PPO step's time on a CPU); the norm is read anyway
-        if grad_norm + 1e-6 > self.settings.grad_clip:
+        # over all of them (a sixth of a 24M-parameter PPO step's time on a CPU); the norm is read anyway. A NaN
+        # norm still multiplies them (by NaN), as clip_grad_norm_ does.
+        if not grad_norm + 1e-6 <= self.settings.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(params, self.settings.grad_clip, total)
         self.optimizer.step()
         self.scheduler.step()

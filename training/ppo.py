@@ -102,7 +102,7 @@ class PPOConfig:
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping
     max_minutes: float | None = None
     checkpoint_every: int = 0  # iterations between checkpoints (0: by time only)
-    checkpoint_minutes: float | None = 10.0  # also checkpoint once this long has passed since the last (None: not)
+    checkpoint_minutes: float | None = 10.0  # also checkpoint once this long has passed since the last (0/None: not)
     stop_after_iterations: int | None = None  # stop (checkpointed) here, the plan unchanged
     resume: bool = True
     seed: int = 0
@@ -128,8 +128,8 @@ class PPOConfig:
             raise ValueError(f"rollout_batch_size must be positive, got {self.rollout_batch_size}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 or more, got {self.checkpoint_every}")
-        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
-            raise ValueError(f"checkpoint_minutes must be positive (or None), got {self.checkpoint_minutes}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes >= 0:
+            raise ValueError(f"checkpoint_minutes must be 0 (none by time) or more, got {self.checkpoint_minutes}")
         if not 0 < self.temperature:
             raise ValueError(f"temperature must be positive for PPO rollouts, got {self.temperature}")
         if not 0 <= self.eval_fraction < 1:

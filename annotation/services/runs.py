@@ -95,7 +95,7 @@ RUN_PARAMS: dict[str, dict[str, Param]] = {
         **_POLICY_IN, **_REWARDS, "iterations": _i(1), "batch_size": _i(1, 65536), "minibatch_size": _i(1, 65536),
         "max_new_tokens": _i(1, 4096), "temperature": _f(0.01, 5.0), "kl_coef": _f(0.0, 100.0),
         "learning_rate": _f(0.0, 1.0), "max_minutes": _f(0.01), "eval_every": _i(0), "checkpoint_every": _i(0),
-        "checkpoint_minutes": _f(0.01), "missing_eos_penalty": _f(0.0, 1000.0), "seed": _i(0, 2**31), "prompt_format": _SAMPLING["prompt_format"],
+        "checkpoint_minutes": _f(0.0), "missing_eos_penalty": _f(0.0, 1000.0), "seed": _i(0, 2**31), "prompt_format": _SAMPLING["prompt_format"],
         "sharding": _FINETUNE["sharding"],
     },  # fmt: skip
     RunKind.DISTILLATION: {**_POLICY_IN, **_SAMPLING, **_FINETUNE,

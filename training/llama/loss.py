@@ -152,6 +152,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved probabilities carry no graph
     def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_entropy: Any) -> tuple[torch.Tensor | None, ...]:
         if ctx.probs is None:
             raise RuntimeError("token_logprobs' saved probabilities were already used; backward runs once")
@@ -172,9 +173,11 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
     hidden: (n, dim) (or (..., dim), with targets (...)); weight: (vocab_size, dim), a bias-free output head's.
     Returns float32 log-probs shaped like `targets`, and with `entropy` each row's entropy (not differentiable;
-    else None). What `log_softmax(logits / T).gather(target)` gives, with two (n, vocab_size) tensors instead of
-    the five that path and its backward make (the scaled logits, the log-softmax, its exponential for the
-    entropy, and two gradients): PPO takes the log-probs of every response token of policy and reference with
+    else None). What `log_softmax(logits / T).gather(target)` gives, with two float32 (n, vocab_size) tensors
+    (the logits, and the probabilities that backward turns into the logits' gradient in place; under autocast
+    also the product's own output and the gradient's copy in its dtype) instead of the five float32 ones that
+    path and its backward make (the scaled logits, the log-softmax, its exponential for the entropy, and two
+    gradients): PPO takes the log-probs of every response token of policy and reference with
     this, and at Llama 2's vocabulary those tensors, not the head's products, were half of the loss's time.
     """
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:

@@ -8,6 +8,7 @@ import torch
 from training.llama.checkpoint import load_checkpoint, save_meta_checkpoint
 from training.llama.generate import main as generate_main
 from training.llama.generation import (
+    RowGenerators,
     _mass_above,
     _output_head,
     generate,
@@ -347,3 +348,16 @@ def test_generation_says_which_sequences_ended_with_eos():
     assert any(out.finished)
     assert not all(out.finished)
     assert all(len(t) < 6 for t, done in zip(out.tokens, out.finished, strict=True) if done)
+
+
+def test_untruncated_sampling_draws_the_softmax_and_gives_its_log_probs():
+    """Top-p 1 without top-k: the unnormalised inverse CDF (`_sample_untruncated`) draws softmax(logits / T),
+    from one generator or from one stream a row, and the log-probs are log_softmax's."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.2, 0.0, -3.0, 0.7]])
+    n = 200_000
+    for temperature, generator in ((1.0, torch.Generator().manual_seed(0)), (0.7, RowGenerators(range(n)))):
+        tokens, logprobs = sample_next_token(logits.repeat(n, 1), temperature=temperature, top_p=1.0, top_k=None,
+                                             generator=generator)
+        expected = torch.softmax(logits[0] / temperature, dim=-1)
+        torch.testing.assert_close(torch.bincount(tokens, minlength=7) / n, expected, atol=4e-3, rtol=0)
+        torch.testing.assert_close(logprobs, torch.log_softmax(logits[0] / temperature, dim=-1)[tokens])
