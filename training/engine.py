@@ -410,8 +410,8 @@ class Engine:
         once `minutes` have passed since the last checkpoint (rank 0's clock; every process gets its answer).
 
         A checkpoint holds AdamW's two moments beside the float32 weights, 12 bytes a trained parameter: written
-        every iteration it costs about as much as the iteration (1.5-2.2 s against 3.0-3.4 s for a PPO iteration
-        of a 24M-parameter policy and value model on one CPU thread, `benchmarks/ppo_iteration.py --shape
+        every iteration it costs about half as much as the iteration (1.4-2.2 s against 2.7-3.4 s for a PPO
+        iteration of a 24M-parameter policy and value model on one CPU thread, `benchmarks/ppo_iteration.py --shape
         llama2-24m`; about 170 GB for a 7B policy and value model), hence a schedule by time. `minutes` None or 0:
         by count only.
         """
