@@ -205,8 +205,8 @@ if not CELERY_BROKER_URL.startswith("filesystem://"):
 
 # Durable runs (annotation.services.runs, training.runs): a worker beats a running run's heartbeat every
 # RUN_HEARTBEAT_SECONDS; beat's reconciler re-queues a run whose heartbeat is older than RUN_STALE_SECONDS and
-# resends a queued run's message after RUN_RESEND_SECONDS. Training stages checkpoint every
-# RUN_CHECKPOINT_MINUTES by default, so a re-queued run loses at most that much work.
+# resends a queued run's message after RUN_RESEND_SECONDS. A re-queued run resumes from its stage's last
+# checkpoint: PPO's every 10 minutes, SFT's every 50 steps, a reward model's every 10 (the runs' params change them).
 RUN_HEARTBEAT_SECONDS = env.float("RUN_HEARTBEAT_SECONDS", default=10.0)
 RUN_STALE_SECONDS = env.float("RUN_STALE_SECONDS", default=90.0)
 RUN_RESEND_SECONDS = env.float("RUN_RESEND_SECONDS", default=600.0)
