@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.llama_sampling import left_padded  # noqa: E402
 from training.llama.generation import generate  # noqa: E402
 from training.llama.model import ModelArgs, Transformer  # noqa: E402
 
@@ -149,9 +150,7 @@ def hf_figures(model: Transformer, opts: argparse.Namespace, device: torch.devic
 
     hf.eval()
     prompts = sampling_prompts(opts.prompts, args.vocab_size)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, attention_mask = left_padded(prompts, device)
     config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=opts.new_tokens,
                               eos_token_id=None, pad_token_id=0)
     hf.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
@@ -162,7 +161,7 @@ def hf_figures(model: Transformer, opts: argparse.Namespace, device: torch.devic
         out = hf.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         sync(device)
         times.append(time.perf_counter() - t0)
-    sample_tokens_per_s = (out.shape[1] - width) * out.shape[0] / statistics.median(times)
+    sample_tokens_per_s = (out.shape[1] - input_ids.shape[1]) * out.shape[0] / statistics.median(times)
     return {"train_tokens_per_s": round(train_tokens_per_s, 1), "sampling_tokens_per_s": round(sample_tokens_per_s, 1)}
 
 

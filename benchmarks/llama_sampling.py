@@ -33,6 +33,16 @@ def prompts(n: int, min_len: int, max_len: int, vocab_size: int) -> list[list[in
     return [[1, *torch.randint(3, vocab_size, (k - 1,), generator=g).tolist()] for k in lengths]
 
 
+def left_padded(batch: list[list[int]], device=None):
+    """`generate()`'s inputs for token-id prompts: (input_ids, attention_mask), left-padded with id 0."""
+    import torch
+
+    width = max(len(p) for p in batch)
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    return input_ids, attention_mask
+
+
 def proc_status_bytes(field: str) -> int:
     """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc/self/status."""
     with open("/proc/self/status") as f:
@@ -77,9 +87,7 @@ def child(opts: argparse.Namespace) -> None:
         model = LlamaForCausalLM.from_pretrained(opts.checkpoint, attn_implementation="sdpa",
                                                  dtype=getattr(torch, opts.dtype)).eval()
         batch = prompts(opts.prompts, opts.min_prompt, opts.max_prompt, model.config.vocab_size)
-        width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        input_ids, attention_mask = left_padded(batch)
         config = GenerationConfig(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=0,
                                   max_new_tokens=opts.new_tokens, eos_token_id=None, pad_token_id=0,
                                   bos_token_id=1)
@@ -87,7 +95,7 @@ def child(opts: argparse.Namespace) -> None:
         def run(seed: int) -> int:
             torch.manual_seed(seed)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-            return (out.shape[1] - width) * out.shape[0]
+            return (out.shape[1] - input_ids.shape[1]) * out.shape[0]
 
     rss_loaded = start_peak_window(model)
     expected = opts.prompts * opts.new_tokens

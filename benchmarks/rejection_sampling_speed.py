@@ -44,7 +44,7 @@ def child(opts: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
-    from benchmarks.llama_sampling import proc_status_bytes, start_peak_window
+    from benchmarks.llama_sampling import left_padded, proc_status_bytes, start_peak_window
     from training.llama.tokenizer import Tokenizer
     from training.prompts import PromptRecord, encode_prompt
 
@@ -69,9 +69,7 @@ def child(opts: argparse.Namespace) -> None:
         model = LlamaForCausalLM.from_pretrained(opts.checkpoint, attn_implementation="sdpa",
                                                  dtype=torch.float32).eval()
         ids = [encode_prompt(tokenizer, r, "plain") for r in records]
-        width = max(len(p) for p in ids)
-        input_ids = torch.tensor([[0] * (width - len(p)) + p for p in ids])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+        input_ids, attention_mask = left_padded(ids)
         config = GenerationConfig(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=0,
                                   max_new_tokens=opts.new_tokens, eos_token_id=tokenizer.eos_id, pad_token_id=0,
                                   bos_token_id=tokenizer.bos_id, num_return_sequences=k)
@@ -81,7 +79,7 @@ def child(opts: argparse.Namespace) -> None:
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
             assert out.shape[0] == opts.prompts * k
             n_tokens = 0
-            for row in out[:, width:].tolist():  # cut at EOS, as ours returns its answers
+            for row in out[:, input_ids.shape[1]:].tolist():  # cut at EOS, as ours returns its answers
                 answer = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
                 tokenizer.decode(answer)
                 n_tokens += len(answer)
