@@ -223,21 +223,15 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def _numpy_array_globals() -> list[Any]:
-    """What unpickling NumPy's RNG state (a uint32 array) takes, for `torch.load(weights_only=True)`."""
+@functools.cache
+def _allow_numpy_arrays() -> None:
+    """Add what unpickling NumPy's RNG state (a uint32 array) takes to weights_only's allowlist, once a process
+    (the list is process-wide; a `safe_globals` block around each load would change it for every thread)."""
     try:
         from numpy._core.multiarray import _reconstruct  # NumPy 2
     except ImportError:  # pragma: no cover - NumPy 1
         from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-@functools.cache
-def _allow_numpy_arrays() -> None:
-    """Add what NumPy's RNG state needs to weights_only's allowlist, once a process (process-wide, as
-    `torch.serialization.add_safe_globals` is; a `safe_globals` block around each load would change the same
-    list for every thread while it lasts)."""
-    torch.serialization.add_safe_globals(_numpy_array_globals())
+    torch.serialization.add_safe_globals([_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))])
 
 
 def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -185,6 +185,13 @@ def run_reward_model(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     return reward_run_train(run, control)
 
 
+def _register_policy(run: TrainingRun, control: RunControl, report: dict[str, Any], *, nothing: str) -> dict[str, Any]:
+    """Register the policy a stage's report names (`policy_dir`); `nothing` is the error where it names none."""
+    if not report.get("policy_dir"):
+        raise ValueError(nothing)
+    return register_output(run, Path(report["policy_dir"]), report, control)
+
+
 def run_sft(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     from rewards.selectors import write_training_snapshot
     from training.sft import POLICY_DIR, SFTConfig
@@ -213,10 +220,8 @@ def run_rejection_sampling(run: TrainingRun, control: RunControl) -> dict[str, A
     config = RejectionSamplingConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), reward_model=helpful,
                                      safety_reward_model=safety, pool=pool, fit_batch=True,
                                      **config_fields(run.params, RejectionSamplingConfig))  # fmt: skip
-    report = _stage(run, control, "rejection_sampling", config)
-    if not report.get("policy_dir"):
-        raise ValueError("rejection sampling kept no answer to fine-tune on")
-    return register_output(run, Path(report["policy_dir"]), report, control)
+    return _register_policy(run, control, _stage(run, control, "rejection_sampling", config),
+                            nothing="rejection sampling kept no answer to fine-tune on")
 
 
 def run_distillation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
@@ -227,10 +232,8 @@ def run_distillation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     _, safety = reward_models(run.params, need="safety")
     config = DistillConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), safety_reward_model=safety,
                            fit_batch=True, **config_fields(run.params, DistillConfig))  # fmt: skip
-    report = _stage(run, control, "distillation", config)
-    if not report.get("policy_dir"):
-        raise ValueError("context distillation kept no answer: the preprompt improved no safety score")
-    return register_output(run, Path(report["policy_dir"]), report, control)
+    return _register_policy(run, control, _stage(run, control, "distillation", config),
+                            nothing="context distillation kept no answer: the preprompt improved no safety score")
 
 
 def run_ppo(run: TrainingRun, control: RunControl) -> dict[str, Any]:
@@ -241,8 +244,7 @@ def run_ppo(run: TrainingRun, control: RunControl) -> dict[str, Any]:
     helpful, safety = reward_models(run.params)
     config = PPOConfig(**inputs, prompts=prompts_file(run, out), out_dir=str(out), reward_model=helpful,
                        safety_reward_model=safety, **config_fields(run.params, PPOConfig))  # fmt: skip
-    result = _stage(run, control, "ppo", config)
-    return register_output(run, Path(result["policy_dir"]), result, control)
+    return _register_policy(run, control, _stage(run, control, "ppo", config), nothing="PPO saved no policy")
 
 
 def run_evaluation(run: TrainingRun, control: RunControl) -> dict[str, Any]:
