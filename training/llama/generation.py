@@ -111,8 +111,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Generator | None = No
     next_token = torch.zeros(probs.shape[0], 1, dtype=torch.long, device=probs.device)
     pending = torch.ones(probs.shape[0], 1, dtype=torch.bool, device=probs.device)
     for _ in range(max_rounds):
-        u = _uniform(probs.shape[0], generator, probs.device, pending) * cdf[:, -1:]
-        draw = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # inverse CDF: (bsz, 1)
+        draw = _draw(cdf, generator, pending)  # (bsz, 1)
         drawn = probs.gather(-1, draw)  # (bsz, 1), > 0
         mass_above = _mass_above(probs, drawn)
         tied = _count_tied(probs, drawn, mass_above)  # (bsz, 1), >= 1
@@ -160,11 +159,16 @@ def _count_tied(probs: torch.Tensor, drawn: torch.Tensor, mass_above: torch.Tens
     return tied
 
 
+def _draw(cdf: torch.Tensor, generator: Generator | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse CDF: (bsz, 1) ids from cumulative weights (bsz, vocab_size), normalised or not (the uniform is
+    scaled by each row's total); only the `rows` (bool (bsz, 1)) draw from a RowGenerators' streams."""
+    u = _uniform(cdf.shape[0], generator, cdf.device, rows) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+
+
 def sample_full(probs: torch.Tensor, generator: Generator | None = None) -> torch.Tensor:
     """One token per row of probs (bsz, vocab_size) by inverse CDF: (bsz, 1) ids, as torch.multinomial draws."""
-    cdf = torch.cumsum(probs, dim=-1)
-    u = _uniform(probs.shape[0], generator, probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    return _draw(torch.cumsum(probs, dim=-1), generator)
 
 
 def _sample_untruncated(scaled: torch.Tensor, generator: Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,10 +180,8 @@ def _sample_untruncated(scaled: torch.Tensor, generator: Generator | None) -> tu
     """
     maxes = scaled.amax(dim=-1, keepdim=True)
     cdf = torch.sub(scaled, maxes).exp_().cumsum_(dim=-1)  # (bsz, vocab_size)
-    total = cdf[:, -1:]
-    u = _uniform(scaled.shape[0], generator, scaled.device) * total
-    next_token = torch.searchsorted(cdf, u, right=True).clamp_(max=scaled.shape[-1] - 1)  # (bsz, 1)
-    logprobs = scaled.gather(-1, next_token) - maxes - total.log()
+    next_token = _draw(cdf, generator)  # (bsz, 1)
+    logprobs = scaled.gather(-1, next_token) - maxes - cdf[:, -1:].log()
     return next_token.squeeze(-1), logprobs.squeeze(-1)
 
 

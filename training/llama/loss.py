@@ -177,8 +177,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     (the logits, and the probabilities that backward turns into the logits' gradient in place; under autocast
     also the product's own output and the gradient's copy in its dtype) instead of the five float32 ones that
     path and its backward make (the scaled logits, the log-softmax, its exponential for the entropy, and two
-    gradients): PPO takes the log-probs of every response token of policy and reference with
-    this, and at Llama 2's vocabulary those tensors, not the head's products, were half of the loss's time.
+    gradients). PPO takes the log-probs of every response token of policy and reference with this.
     """
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden (..., dim), weight (vocab_size, dim) and targets (...) do not fit: "
